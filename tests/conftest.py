@@ -1,0 +1,10 @@
+"""Test configuration shared by the whole suite."""
+
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before any kernel
+# module is imported (triton.jit reads it at decoration time), hence here rather than in a fixture.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
