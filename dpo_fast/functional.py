@@ -165,7 +165,8 @@ def linear_dpo_loss(
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
         if tuple(ref_hidden.shape) != tuple(hidden.shape):
-            raise ValueError(f"ref_hidden must have the shape of hidden {list(hidden.shape)}, got {list(ref_hidden.shape)}")
+            raise ValueError(
+                f"ref_hidden must have the shape of hidden {list(hidden.shape)}, got {list(ref_hidden.shape)}")
         rw = weight if ref_weight is None else ref_weight
         if tuple(rw.shape) != tuple(weight.shape):
             raise ValueError(f"ref_weight must have shape {list(weight.shape)}, got {list(rw.shape)}")

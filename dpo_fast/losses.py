@@ -93,7 +93,8 @@ class LossConfig:
         if self.loss_type == "robust" and e >= 0.5:
             raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust', got {e}")
         if self.loss_type == "exo_pair" and e == 0:
-            raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (it is the EXO epsilon; 1e-3 is usual)")
+            raise ValueError(
+                "label_smoothing must be > 0 for loss_type='exo_pair' (it is the EXO epsilon; 1e-3 is usual)")
         if self.nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight!r}")
         if self.discopop_tau <= 0:
@@ -211,7 +212,8 @@ def loss_from_logps(
     if loss_type in REFERENCE_FREE and ref_chosen_logps is not None:
         raise ValueError(f"loss_type={loss_type!r} is reference-free: pass ref_chosen_logps=None")
     if loss_type in LENGTH_NORMALISED and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss_type={loss_type!r} is length-normalised: chosen_lengths and rejected_lengths are required")
+        raise ValueError(
+            f"loss_type={loss_type!r} is length-normalised: chosen_lengths and rejected_lengths are required")
     if config.nll_weight > 0 and chosen_nll is None and chosen_lengths is None:
         raise ValueError("nll_weight > 0 needs chosen_nll or chosen_lengths (to average the chosen NLL per token)")
     if loss_type in LENGTH_NORMALISED:

@@ -47,7 +47,8 @@ def check_labels(name: str, labels: Tensor, expected_shape: tuple[int, ...], voc
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{name}{list(idx)} = {int(labels[idx])} is outside [0, {vocab_size}) and is not ignore_index={ignore_index}"
+            f"{name}{list(idx)} = {int(labels[idx])} is outside [0, {vocab_size}) "
+            f"and is not ignore_index={ignore_index}"
         )
 
 
@@ -58,7 +59,8 @@ def check_segment_ids(segment_ids: Tensor, num_tokens: int, device: torch.device
     if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
         raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
     if tuple(segment_ids.shape) != (num_tokens,):
-        raise ValueError(f"segment_ids must have shape [{num_tokens}] (one id per token), got {list(segment_ids.shape)}")
+        raise ValueError(
+            f"segment_ids must have shape [{num_tokens}] (one id per token), got {list(segment_ids.shape)}")
     if segment_ids.device != device:
         raise ValueError(f"segment_ids is on {segment_ids.device} but the logits/hidden states are on {device}")
     if num_tokens == 0 or int(segment_ids.max()) < 0:

@@ -1,0 +1,32 @@
+"""Comparison helpers for the test-suite: per-dtype tolerances and an allclose that explains itself."""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol) for a fast path computed from inputs of this dtype, compared with the float64 reference
+# evaluated on the same (rounded) inputs. The accumulations are float32 in every path, so the float32
+# row is set by float32 round-off; the half-precision rows by the rounding of outputs written in
+# that dtype (dlogits, dhidden): two ulps, 2 * 2^-8 for bf16 and 2 * 2^-11 for fp16.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (8e-3, 1e-5),
+    torch.float16: (1e-3, 1e-6),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """allclose against a float64 expectation; on failure, report where and by how much."""
+    rtol, atol = TOLERANCES[dtype]
+    a = actual.detach().double()
+    e = expected.detach().double()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        rows = ", ".join(f"{tuple(i)}: {a[tuple(i)].item():.6g} vs {e[tuple(i)].item():.6g}" for i in idx)
+        raise AssertionError(
+            f"{name} ({dtype}): {int(bad.sum())}/{bad.numel()} values off (rtol={rtol}, atol={atol}); "
+            f"nan={int(torch.isnan(a).sum())}, inf={int(torch.isinf(a).sum())}; "
+            f"max abs err {float((a - e).abs().max()):.3g}; first: {rows}"
+        )
