@@ -44,7 +44,7 @@ USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_u
 REFERENCE_FREE = frozenset({"simpo"})
 # Losses where pair i's gradient depends on pair i alone (no sort or batch statistic across pairs):
 # these admit one-pass schedules that finish a pair's gradient as soon as the pair is seen.
-PAIR_SEPARABLE = frozenset(LOSS_TYPES) - {"aot", "aot_unpaired", "bco_pair"}
+PAIR_SEPARABLE = frozenset(LOSS_TYPES) - {"aot", "aot_unpaired"}
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class DPOOutput:
     loss: scalar, mean of `losses` over pairs (the only field meant to be backpropagated).
     losses: [B] per-pair losses.
     chosen_logps / rejected_logps: [B] summed log-probs of the responses under the policy.
-    chosen_rewards / rejected_rewards: [B] implicit rewards, beta times the log-ratio the loss uses
-        (per-token averaged for the length-normalised losses), detached.
+    chosen_rewards / rejected_rewards: [B] implicit rewards r = beta * (log pi - log pi_ref) of the whole
+        response (not length-normalised, as TRL reports them), detached.
     """
 
     loss: Tensor
@@ -228,6 +228,7 @@ def loss_from_logps(
     pr = rejected_logps.to(dtype)
     rc = pc if ref_chosen_logps is None else pc - ref_chosen_logps.to(dtype)
     rr = pr if ref_rejected_logps is None else pr - ref_rejected_logps.to(dtype)
+    chosen_rewards, rejected_rewards = (config.beta * rc).detach(), (config.beta * rr).detach()
     if loss_type in LENGTH_NORMALISED:
         rc = rc / chosen_lengths.to(dtype)
         rr = rr / rejected_lengths.to(dtype)
@@ -245,8 +246,8 @@ def loss_from_logps(
         losses=losses,
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
-        chosen_rewards=(config.beta * rc).detach(),
-        rejected_rewards=(config.beta * rr).detach(),
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
     )
 
 
@@ -279,11 +280,8 @@ def pair_losses(
         zc, zr = beta * rc, beta * rr
         return -F.logsigmoid(zc) - 0.5 * F.logsigmoid(-zc) - 0.5 * F.logsigmoid(-zr)
     if kind == "bco_pair":
-        # TRL keeps a running mean of the rewards across steps; a functional loss has no state, so the
-        # shift is the (detached) mean reward of this batch.
-        zc, zr = beta * rc, beta * rr
-        shift = torch.cat([zc, zr]).mean().detach()
-        return -F.logsigmoid(zc - shift) - F.logsigmoid(-(zr - shift))
+        # TRL 1.16's form: no running reward shift (earlier TRL versions subtracted a running mean).
+        return -F.logsigmoid(beta * rc) - F.logsigmoid(-beta * rr)
     if kind == "sppo_hard":
         return (rc - 0.5 / beta) ** 2 + (rr + 0.5 / beta) ** 2
     if kind in ("aot", "aot_unpaired"):
