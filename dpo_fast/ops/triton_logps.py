@@ -1,0 +1,158 @@
+"""Triton token log-probs from materialised logits: launcher, custom op with autograd, public function.
+
+`token_logps(logits [N, V], labels [N])` -> [N] float32 `log_softmax(logits)[n, labels[n]]`, 0 where the
+label is `ignore_index`; the same contract as `torch_logps.TorchTokenLogps`. The forward saves only the
+per-token log-sum-exp ([N] float32); the backward writes `g * (onehot - softmax)` in the logits' dtype
+directly, so the op never holds a float32 copy of the logits.
+
+The two kernel launches are registered as torch custom ops (`dpo_fast::token_logps_fwd` / `_bwd`) with
+their autograd formula, so `torch.compile` traces through them without a graph break:
+- compiled Triton (CUDA): `torch.library.triton_op` + `wrap_triton`, which Inductor can see into;
+- Triton's interpreter (CPU, TRITON_INTERPRET=1): an opaque `torch.library.custom_op` with a fake
+  implementation, because `triton_op` runs the kernel on fake tensors when the kernel is interpreted.
+The choice follows what `triton.jit` produced for the kernels, i.e. what Triton itself decided.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import custom_op, triton_op, wrap_triton
+
+from dpo_fast.kernels.logps import _token_logps_bwd, _token_logps_fwd
+
+# Largest vocab tile on a GPU. 4096 elements over 8 warps is 16 per thread: two 128-bit loads of bf16,
+# few enough registers to keep several programs per SM, and a short loop even at 256k vocabularies
+# (64 tiles); the padded tail of a ragged vocabulary (32003 -> 8 tiles) wastes at most one tile.
+MAX_BLOCK_V = 4096
+# Under the interpreter each tile is a handful of numpy calls on the CPU: the cost is per tile, not per
+# element, so the widest tile is also the fastest there; a smaller cap only keeps memory per call modest.
+MAX_BLOCK_V_INTERPRETED = 4096
+
+_COMPILED = isinstance(_token_logps_fwd, triton.runtime.jit.JITFunction)
+
+
+def default_block_v(vocab_size: int, device: torch.device) -> int:
+    """The vocab tile width: the vocabulary rounded up to a power of two, capped (see MAX_BLOCK_V)."""
+    cap = MAX_BLOCK_V if device.type == "cuda" else MAX_BLOCK_V_INTERPRETED
+    return min(triton.next_power_of_2(max(vocab_size, 1)), cap)
+
+
+def _num_warps(block_v: int) -> int:
+    # About 16 elements per thread at the widest tile, never fewer than one warp.
+    return max(1, min(8, block_v // 512))
+
+
+def _check_inputs(logits: Tensor, labels: Tensor, block_v: int | None) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [N, V] (tokens x vocab), got {list(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}")
+    if tuple(labels.shape) != (logits.shape[0],):
+        raise ValueError(f"labels must have shape [{logits.shape[0]}] (one per logits row), got {list(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
+
+
+def _unit_vocab_stride(logits: Tensor) -> Tensor:
+    # The kernels take any row stride but need consecutive vocab entries; only then is a copy made.
+    return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
+
+
+def _forward_impl(logits: Tensor, labels: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor]:
+    logits = _unit_vocab_stride(logits)
+    labels = labels.contiguous()
+    n, v = logits.shape
+    logps = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n > 0:
+        wrap_triton(_token_logps_fwd)[(n,)](
+            logits, labels, logps, lse, logits.stride(0), v, ignore_index,
+            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        )
+    return logps, lse
+
+
+def _backward_impl(logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor, ignore_index: int,
+                   block_v: int) -> Tensor:
+    logits = _unit_vocab_stride(logits)
+    labels = labels.contiguous()
+    # grad of a sum arrives expanded (stride 0); [N] is small, so a contiguous copy costs nothing.
+    grad = grad.contiguous()
+    n, v = logits.shape
+    dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n > 0:
+        wrap_triton(_token_logps_bwd)[(n,)](
+            logits, labels, lse, grad, dlogits, logits.stride(0), v, ignore_index,
+            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        )
+    return dlogits
+
+
+if _COMPILED:
+    _fwd_op = triton_op("dpo_fast::token_logps_fwd", mutates_args=())(_forward_impl)
+    _bwd_op = triton_op("dpo_fast::token_logps_bwd", mutates_args=())(_backward_impl)
+else:
+    _fwd_op = custom_op("dpo_fast::token_logps_fwd", mutates_args=())(_forward_impl)
+    _bwd_op = custom_op("dpo_fast::token_logps_bwd", mutates_args=())(_backward_impl)
+
+    @_fwd_op.register_fake
+    def _(logits, labels, ignore_index, block_v):
+        n = logits.shape[0]
+        return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+    @_bwd_op.register_fake
+    def _(logits, labels, lse, grad, ignore_index, block_v):
+        return logits.new_empty(logits.shape, dtype=logits.dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, labels, ignore_index, block_v = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.ignore_index = ignore_index
+    ctx.block_v = block_v
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logps: Tensor | None, grad_lse: Tensor | None):
+    logits, labels, lse = ctx.saved_tensors
+    dlogits = None
+    if grad_logps is not None and ctx.needs_input_grad[0]:
+        dlogits = _bwd_op(logits, labels, lse, grad_logps, ctx.ignore_index, ctx.block_v)
+    return dlogits, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_logps(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, block_v: int | None = None) -> Tensor:
+    """Token log-probs from logits, differentiable in the logits.
+
+    Args:
+        logits: [N, V] float32/bfloat16/float16, on CUDA (or on the CPU under TRITON_INTERPRET=1). Any
+            row stride; a view whose vocab entries are not adjacent is copied once.
+        labels: [N] integer target ids; `ignore_index` marks tokens that are not scored.
+        block_v: vocab tile width (a power of two); None picks `default_block_v`. Tests set it small to
+            run the multi-tile path on small vocabularies.
+    Returns:
+        [N] float32 `log_softmax(logits)[n, labels[n]]`, 0 where ignored. A label outside [0, V) that is
+        not `ignore_index` gives NaN (the public API rejects such labels before calling this).
+    """
+    _check_inputs(logits, labels, block_v)
+    logits = _unit_vocab_stride(logits)
+    if block_v is None:
+        block_v = default_block_v(logits.shape[1], logits.device)
+    logps, _ = _fwd_op(logits, labels.to(torch.int64), int(ignore_index), int(block_v))
+    return logps
