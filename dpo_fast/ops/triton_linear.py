@@ -1,0 +1,277 @@
+"""Triton fused-linear token log-probs: launcher, custom op with autograd, public function.
+
+`linear_token_logps(hidden [N, H], weight [V, H], labels [N], bias=[V] | None)` -> [N] float32
+`log_softmax(hidden @ weight.T + bias)[n, labels[n]]`, 0 where the label is `ignore_index`: the contract
+of `torch_logps.TorchLinearTokenLogps`, without the [N, V] logits ever existing. Each kernel rebuilds
+the logits one tile at a time (see `dpo_fast/kernels/linear_logps.py`); the forward keeps only the
+per-token log-sum-exp. Flops: 2·N·H·V forward, 8·N·H·V backward (the logits are rebuilt once for the
+hidden gradient and once for the weight gradient). Memory beyond inputs and gradients: a few [N]
+vectors, plus float32 accumulators for the gradients of 16-bit hidden/weight ([N, H] and [V, H],
+the same float32 [V, H] buffer the torch path keeps).
+
+The kernel launches are torch custom ops (`dpo_fast::linear_token_logps_fwd` / `_bwd`) with their
+autograd formula, so `torch.compile` traces them without a graph break: `triton_op` + `wrap_triton`
+for compiled Triton (CUDA), an opaque `custom_op` with a fake implementation under Triton's
+interpreter (there `triton_op` would run the kernel on fake tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import custom_op, triton_op, wrap_triton
+
+from dpo_fast.kernels.linear_logps import _linear_logps_bwd_hidden, _linear_logps_bwd_weight, _linear_logps_fwd
+
+_COMPILED = isinstance(_linear_logps_fwd, triton.runtime.jit.JITFunction)
+
+
+class LinearBlocks(NamedTuple):
+    """Tile shape of the kernels: powers of two, each >= 16 (the smallest tl.dot operand)."""
+
+    block_n: int  # tokens per tile
+    block_v: int  # vocab entries per tile
+    block_h: int  # hidden features per tl.dot step
+
+
+# H100 (untuned, no GPU was at hand when this was written): a [64, 128] float32 logits tile is 64
+# registers per thread over 8 warps, leaving room for the 16-bit operand tiles of a BLOCK_H = 64 step
+# and for two pipeline stages; 128-wide vocab tiles put a 256k vocabulary in 2k tiles.
+CUDA_BLOCKS = LinearBlocks(block_n=64, block_v=128, block_h=64)
+CUDA_NUM_WARPS = 8
+CUDA_NUM_STAGES = 2
+# Under the interpreter a tile step costs milliseconds of Python whatever its size (a 32003 vocabulary
+# took 9 s in 256-wide tiles, 0.6 s in 1024-wide ones), so the vocab tile is wide; the token tile stays
+# near the tests' token counts so little padding is computed.
+INTERPRETED_BLOCKS = LinearBlocks(block_n=32, block_v=1024, block_h=64)
+
+
+def default_blocks(device: torch.device) -> LinearBlocks:
+    return CUDA_BLOCKS if device.type == "cuda" else INTERPRETED_BLOCKS
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_v_splits(num_tokens: int, vocab_size: int, blocks: LinearBlocks, device: torch.device) -> int:
+    """Vocab splits for the token-tile kernels: enough programs for two waves on the GPU.
+
+    N = 4096 tokens are only 64 token tiles, half an H100; splitting the vocabulary gives every SM work.
+    The interpreter runs programs one after another, so there it is 1.
+    """
+    if device.type != "cuda":
+        return 1
+    token_tiles = triton.cdiv(max(num_tokens, 1), blocks.block_n)
+    vocab_tiles = triton.cdiv(vocab_size, blocks.block_v)
+    return max(1, min(vocab_tiles, triton.cdiv(2 * _num_sms(device.index or 0), token_tiles)))
+
+
+def _split_plan(vocab_size: int, block_v: int, v_splits: int) -> tuple[int, int]:
+    """(splits, vocab tiles per split) with no empty split."""
+    vocab_tiles = triton.cdiv(vocab_size, block_v)
+    tiles_per_split = triton.cdiv(vocab_tiles, max(1, min(v_splits, vocab_tiles)))
+    return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split
+
+
+def _launch_options(device: torch.device) -> dict:
+    return {"num_warps": CUDA_NUM_WARPS, "num_stages": CUDA_NUM_STAGES} if device.type == "cuda" else {}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own matmul setting: TF32 tensor cores only where the user allowed them.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (see kernels' _dot).
+    return not _COMPILED and dtype == torch.bfloat16
+
+
+def _kernel_operand(t: Tensor) -> Tensor:
+    """Unit stride along H (the kernels' only layout demand); float64 runs as float32, like the dots."""
+    if t.dtype == torch.float64:
+        t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                  block_n: int, block_v: int, block_h: int, v_splits: int) -> tuple[Tensor, Tensor]:
+    h, w = _kernel_operand(hidden), _kernel_operand(weight)
+    labels = labels.contiguous()
+    n, v = h.shape[0], w.shape[0]
+    splits, tiles_per_split = _split_plan(v, block_v, v_splits)
+    part_max = torch.empty((splits, n), dtype=torch.float32, device=h.device)
+    part_sum = torch.empty_like(part_max)
+    part_target = torch.empty_like(part_max)
+    if n > 0:
+        wrap_triton(_linear_logps_fwd)[(triton.cdiv(n, block_n), splits)](
+            h, w, w if bias is None else bias, labels, part_max, part_sum, part_target,
+            n, v, h.shape[1], h.stride(0), w.stride(0), tiles_per_split,
+            HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(h.dtype), UPCAST_DOT=_upcast_dot(h.dtype),
+            BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, **_launch_options(h.device),
+        )
+    # Merge the splits' online log-sum-exps: [splits, N] -> [N].
+    m = part_max.amax(dim=0)
+    lse = m + torch.log((part_sum * torch.exp(part_max - m)).sum(dim=0))
+    valid = labels != ignore_index
+    logps = torch.where(valid, part_target.sum(dim=0) - lse, 0.0)
+    # A label outside [0, V) picked no logit: NaN poisons the loss instead of scoring a wrong token.
+    logps = torch.where(valid & ((labels < 0) | (labels >= v)), float("nan"), logps)
+    return logps, lse
+
+
+def _backward_impl(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                   lse: Tensor, ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+                   block_n: int, block_v: int, block_h: int, v_splits: int) -> tuple[Tensor, Tensor, Tensor]:
+    h, w = _kernel_operand(hidden), _kernel_operand(weight)
+    labels = labels.contiguous()
+    n, v, hs = h.shape[0], w.shape[0], h.shape[1]
+    # The kernels read g == 0 as "not scored" (and skip all-zero tiles); [N] is small, so this is free.
+    g = torch.where(labels != ignore_index, grad.float(), 0.0).contiguous()
+    common = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(h.dtype),
+                  UPCAST_DOT=_upcast_dot(h.dtype), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+                  **_launch_options(h.device))
+    b = w if bias is None else bias
+
+    # Gradients not asked for come back as distinct empty tensors (op outputs may not alias).
+    dhidden = h.new_empty(0)
+    if need_hidden:
+        acc = torch.zeros((n, hs), dtype=torch.float32, device=h.device)
+        if n > 0:
+            # Several splits add into the same rows in whatever order they run; one split keeps the
+            # result bitwise reproducible, which torch's deterministic mode asks for.
+            splits = 1 if torch.are_deterministic_algorithms_enabled() else v_splits
+            splits, tiles_per_split = _split_plan(v, block_v, splits)
+            wrap_triton(_linear_logps_bwd_hidden)[(triton.cdiv(n, block_n), splits)](
+                h, w, b, labels, lse, g, acc, n, v, hs, h.stride(0), w.stride(0), tiles_per_split, **common,
+            )
+        dhidden = acc.to(hidden.dtype)
+
+    dweight, dbias = h.new_empty(0), h.new_empty(0)
+    if need_weight or need_bias:
+        acc_w = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if need_weight else g
+        acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else g
+        wrap_triton(_linear_logps_bwd_weight)[(triton.cdiv(v, block_v),)](
+            h, w, b, labels, lse, g, acc_w, acc_b, n, v, hs, h.stride(0), w.stride(0),
+            COMPUTE_WEIGHT=need_weight, COMPUTE_BIAS=need_bias, **common,
+        )
+        if need_weight:
+            dweight = acc_w.to(weight.dtype)
+        if need_bias:
+            dbias = acc_b.to(bias.dtype)
+    return dhidden, dweight, dbias
+
+
+if _COMPILED:
+    _fwd_op = triton_op("dpo_fast::linear_token_logps_fwd", mutates_args=())(_forward_impl)
+    _bwd_op = triton_op("dpo_fast::linear_token_logps_bwd", mutates_args=())(_backward_impl)
+else:
+    _fwd_op = custom_op("dpo_fast::linear_token_logps_fwd", mutates_args=())(_forward_impl)
+    _bwd_op = custom_op("dpo_fast::linear_token_logps_bwd", mutates_args=())(_backward_impl)
+
+    @_fwd_op.register_fake
+    def _(hidden, weight, bias, labels, ignore_index, block_n, block_v, block_h, v_splits):
+        n = hidden.shape[0]
+        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+    @_bwd_op.register_fake
+    def _(grad, hidden, weight, bias, labels, lse, ignore_index, need_hidden, need_weight, need_bias,
+          block_n, block_v, block_h, v_splits):
+        return (
+            torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if need_bias else hidden.new_empty(0),
+        )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, bias, labels, ignore_index, block_n, block_v, block_h, v_splits = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse)
+    ctx.config = (ignore_index, block_n, block_v, block_h, v_splits)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logps: Tensor | None, grad_lse: Tensor | None):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grads = [None] * 9
+    if grad_logps is None or not (need_hidden or need_weight or need_bias):
+        return tuple(grads)
+    ignore_index, block_n, block_v, block_h, v_splits = ctx.config
+    dhidden, dweight, dbias = _bwd_op(grad_logps, hidden, weight, bias, labels, lse, ignore_index,
+                                      need_hidden, need_weight, need_bias and bias is not None,
+                                      block_n, block_v, block_h, v_splits)
+    grads[0] = dhidden if need_hidden else None
+    grads[1] = dweight if need_weight else None
+    grads[2] = dbias if need_bias and bias is not None else None
+    return tuple(grads)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None,
+                  blocks: LinearBlocks) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape [N, H] (tokens x hidden), got {list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape [V, {hidden.shape[1]}] (vocab x hidden), got {list(weight.shape)}")
+    if weight.shape[0] == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"weight {list(weight.shape)} has an empty vocab or hidden dimension")
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}; cast one of them (as for a matmul)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}")
+    if tuple(labels.shape) != (hidden.shape[0],):
+        raise ValueError(f"labels must have shape [{hidden.shape[0]}] (one per hidden row), got {list(labels.shape)}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    for field, size in zip(blocks._fields, blocks):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"blocks.{field} must be a power of two >= 16 (tl.dot's smallest tile), got {size}")
+
+
+def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                       ignore_index: int = -100, blocks: LinearBlocks | None = None,
+                       v_splits: int | None = None) -> Tensor:
+    """Token log-probs of a linear head, differentiable in hidden, weight and bias.
+
+    Args:
+        hidden: [N, H] float32/bfloat16/float16 (float64 runs in float32), on CUDA or on the CPU under
+            TRITON_INTERPRET=1. Any row stride.
+        weight: [V, H], the dtype of hidden. bias: [V] or None.
+        labels: [N] integer target ids; `ignore_index` marks tokens that are not scored. The range is
+            not checked here (the public API does it): a label outside [0, V) gives NaN.
+        blocks: tile shape (`LinearBlocks`); None picks `default_blocks`. Tests set small tiles to run
+            the multi-tile paths on small shapes.
+        v_splits: vocab splits of the token-tile kernels; None picks `default_v_splits`.
+    Returns:
+        [N] float32 `log_softmax(hidden @ weight.T + bias)[n, labels[n]]`, 0 where ignored.
+    """
+    blocks = default_blocks(hidden.device) if blocks is None else LinearBlocks(*blocks)
+    _check_inputs(hidden, weight, labels, bias, blocks)
+    if v_splits is None:
+        v_splits = default_v_splits(hidden.shape[0], weight.shape[0], blocks, hidden.device)
+    elif v_splits < 1:
+        raise ValueError(f"v_splits must be >= 1, got {v_splits}")
+    logps, _ = _fwd_op(hidden, weight, bias, labels.to(torch.int64), int(ignore_index), *map(int, blocks),
+                       int(v_splits))
+    return logps
