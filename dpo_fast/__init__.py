@@ -3,7 +3,7 @@
 Importing this package has no side effects: no Triton import, no compilation, no environment reads.
 """
 
-from .functional import fused_dpo_loss, linear_dpo_loss, sequence_logps
+from .functional import fused_dpo_loss, linear_dpo_loss, linear_sequence_logps, sequence_logps
 from .losses import LOSS_TYPES, DPOOutput, LossConfig, dpo_loss
 from .modules import DPOLoss
 
@@ -17,5 +17,6 @@ __all__ = [
     "dpo_loss",
     "fused_dpo_loss",
     "linear_dpo_loss",
+    "linear_sequence_logps",
     "sequence_logps",
 ]

@@ -52,8 +52,11 @@ def check_labels(name: str, labels: Tensor, expected_shape: tuple[int, ...], voc
         )
 
 
-def check_segment_ids(segment_ids: Tensor, num_tokens: int, device: torch.device) -> int:
-    """Validates packed-form segment ids and returns the number of sequences (even: B chosen + B rejected)."""
+def check_segment_ids(segment_ids: Tensor, num_tokens: int, device: torch.device, *, paired: bool = True) -> int:
+    """Validates packed-form segment ids and returns the number of sequences.
+
+    paired: the sequences are B chosen then B rejected, so their count must be even.
+    """
     if not isinstance(segment_ids, Tensor):
         raise TypeError(f"segment_ids must be a torch.Tensor, got {type(segment_ids).__name__}")
     if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
@@ -68,7 +71,7 @@ def check_segment_ids(segment_ids: Tensor, num_tokens: int, device: torch.device
     if int(segment_ids.min()) < -1:
         raise ValueError(f"segment_ids must be >= -1 (-1 = not scored), got {int(segment_ids.min())}")
     num_sequences = int(segment_ids.max()) + 1
-    if num_sequences % 2:
+    if paired and num_sequences % 2:
         raise ValueError(
             f"segment_ids name {num_sequences} sequences (0..{num_sequences - 1}); expected an even count: "
             "sequences 0..B-1 are the chosen ones and B..2B-1 the rejected ones"

@@ -231,3 +231,35 @@ def test_triton_backend_off_gpu_needs_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         dpo_fast.fused_dpo_loss(torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3)), backend="triton")
+
+
+def test_linear_sequence_logps_rows_and_packed():
+    torch.manual_seed(3)
+    hidden = torch.randn(3, 10, 12, requires_grad=True)
+    weight = torch.randn(77, 12, requires_grad=True)
+    labels = make_labels(2, 10, 77, seed=6)[:3]
+    logps, lengths = dpo_fast.linear_sequence_logps(hidden, weight, labels, backend="torch")
+    exp = reference.sequence_logps(hidden.double() @ weight.double().T, labels)
+    assert_close(logps, exp, torch.float32, "logps")
+    assert lengths.tolist() == (labels != -100).sum(-1).tolist()
+    (g,) = torch.autograd.grad(logps.sum(), hidden)
+    (g64,) = torch.autograd.grad(exp.sum(), hidden)
+    assert_close(g, g64, torch.float32, "dhidden")
+    # Packed form with an odd number of sequences is fine here (no pairs involved).
+    seg = torch.tensor([0, 0, 1, -1, 2, 2])
+    lab = torch.randint(0, 77, (6,))
+    h = torch.randn(6, 12)
+    logps, lengths = dpo_fast.linear_sequence_logps(h, weight, lab, segment_ids=seg, backend="torch")
+    exp, exp_len = reference.packed_sequence_logps(h @ weight.T, lab, seg, 3)
+    assert_close(logps, exp, torch.float32, "packed logps")
+    assert lengths.tolist() == exp_len.tolist() == [2, 1, 2]
+
+
+def test_nothing_scored_gives_zero_logps_and_zero_grads():
+    hidden = torch.randn(2, 4, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    labels = torch.full((2, 4), -100)
+    out = dpo_fast.linear_dpo_loss(hidden, weight, labels, backend="torch")
+    out.loss.backward()
+    assert out.chosen_logps.tolist() == [0.0] and abs(float(out.loss) - 0.6931471805599453) < 1e-6
+    assert float(hidden.grad.abs().sum()) == 0.0 and float(weight.grad.abs().sum()) == 0.0
