@@ -279,7 +279,9 @@ class _Tokenizer:
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
         if not isinstance(text, str):
-            raise TypeError(f"tokenizer {self.name!r}: apply_chat_template(tokenize=False) returned {type(text).__name__}")
+            raise TypeError(
+                f"tokenizer {self.name!r}: apply_chat_template(tokenize=False) returned {type(text).__name__}, not str"
+            )
         return text
 
 
