@@ -1,0 +1,198 @@
+"""Per-pair sequence log-probs of a causal LM, through a layout and the fused head (no [tokens, V] logits).
+
+`pair_logps` is what precomputes reference log-probs or scores a preference set: it groups pairs into
+batches under a token budget, lays each batch out (`dpo_fast.layouts`), runs the model's backbone to its
+last hidden states with the layout's 4D mask and position ids (`dpo_fast.attention`), and scores only
+the labelled positions with `dpo_fast.ops.linear_token_logps`, one vocabulary tile at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .attention import attention_mask_4d
+from .layouts import build_batch, check_layout, group_pairs, unit_lengths
+from .pairs import IGNORE_INDEX, TokenizedPair
+from .validation import resolve_backend
+
+# Rows of the softcapped head's logit tile (that head is not linear, so it materialises [chunk, V]).
+SOFTCAP_CHUNK_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """What maps a last hidden state h to logits: softcap(scale * (h @ weight.T + bias)).
+
+    softcap(x) = cap * tanh(x / cap) when `softcap` is set (Gemma 2/3), the identity otherwise.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def output_head(model) -> OutputHead:
+    """The output head of a transformers causal LM: its lm_head plus the known logit transforms.
+
+    Handled: an lm_head bias (Phi, ...), `final_logit_softcapping` (Gemma 2/3), `logit_scale` (Cohere) and
+    `logits_scaling` (Granite). A model that changes its logits in another way after the lm_head is
+    scored wrongly: check such a model once with `pair_logps(..., reference=True)`.
+    """
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"model.get_output_embeddings() must be a linear layer with a [V, H] weight, got {head!r}")
+    bias = getattr(head, "bias", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_type = getattr(config, "model_type", "") or ""
+    scale = 1.0
+    if model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        scale = float(config.logit_scale)
+    if model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
+        scale = 1.0 / float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(weight=weight, bias=bias, scale=scale, softcap=None if softcap is None else float(softcap))
+
+
+def head_token_logps(hidden: Tensor, head: OutputHead, labels: Tensor, *, backend: str = "auto") -> Tensor:
+    """[N, H] hidden, [N] labels -> [N] float32 log-probs of the labels under `head` (0 where ignored)."""
+    chosen_backend = resolve_backend(backend, hidden.device)
+    if head.softcap is None:
+        weight, bias = head.weight, head.bias
+        if head.scale != 1.0:
+            # A scaled head is a linear head with a scaled weight: the fused path stays exact.
+            weight = weight * head.scale
+            bias = None if bias is None else bias * head.scale
+        return ops.linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX,
+                                      backend=chosen_backend)
+    out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], SOFTCAP_CHUNK_TOKENS):
+        e = min(s + SOFTCAP_CHUNK_TOKENS, hidden.shape[0])
+        logits = hidden[s:e] @ head.weight.T
+        if head.bias is not None:
+            logits = logits + head.bias
+        logits = logits.float() * head.scale
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+        out[s:e] = ops.token_logps(logits, labels[s:e], ignore_index=IGNORE_INDEX, backend=chosen_backend)
+    return out
+
+
+def backbone_of(model):
+    """The module that maps input ids to last hidden states (`model.get_decoder()` and its usual fallbacks)."""
+    if hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+        if decoder is not None and decoder is not model:
+            return decoder
+    for name in ("model", "transformer", "base_model"):
+        module = getattr(model, name, None)
+        if module is not None and module is not model:
+            return module
+    raise TypeError(f"cannot find the backbone of {type(model).__name__}: expected get_decoder(), .model or "
+                    ".transformer returning last hidden states")
+
+
+def _check_lengths(pairs: Sequence[TokenizedPair], model, max_length: int) -> None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limits = [("max_length", max_length)]
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions:
+        limits.append(("the model's max_position_embeddings", max_positions))
+    window = getattr(config, "sliding_window", None)
+    if window and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["sliding"])):
+        # Our mask replaces the model's, window included: exact only while no sequence outgrows the window.
+        limits.append(("the model's sliding_window (layouts do not apply it)", window))
+    for i, p in enumerate(pairs):
+        longest = len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+        for what, limit in limits:
+            if longest > limit:
+                raise ValueError(f"pairs[{i}] (dataset row {p.index}) has a sequence of {longest} tokens "
+                                 f"(prompt + completion), more than {what}={limit}; truncate it when tokenizing")
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if value is not None:
+            return int(value)
+    # Padding is never attended to nor scored: any valid embedding row will do.
+    return 0
+
+
+def _naive_pair_logps(model, pairs: Sequence[TokenizedPair], device) -> tuple[Tensor, Tensor]:
+    """One unpadded forward per sequence, full logits, float64 log-softmax: the oracle the fast path must match."""
+    out = torch.zeros(2, len(pairs), dtype=torch.float64)
+    for i, p in enumerate(pairs):
+        for j, completion in enumerate((p.chosen_ids, p.rejected_ids)):
+            ids = torch.tensor([list(p.prompt_ids) + list(completion)], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, len(p.prompt_ids) - 1:-1].double()
+            target = torch.tensor(completion, device=device)
+            out[j, i] = logits.log_softmax(-1).gather(-1, target.unsqueeze(-1)).sum().cpu()
+    return out[0].float(), out[1].float()
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str = "prefix_shared",
+               max_length: int = 1024, max_tokens_per_batch: int | None = None, reference: bool = False,
+               backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Summed log-probs of each pair's chosen and rejected completion given its prompt.
+
+    Args:
+        model: a transformers causal LM (`AutoModelForCausalLM`) whose attention takes a 4D float mask
+            (attn_implementation "eager" or "sdpa"); scored as is (call `model.eval()` to drop dropout).
+        tokenizer: only its pad (else EOS) token id is read; None pads with 0.
+        pairs: TokenizedPair rows (tokenize them first; nothing is truncated here).
+        layout: "prefix_shared" (prompt computed once per pair), "packed" or "padded".
+        max_length: the longest prompt + completion accepted; longer raises.
+        max_tokens_per_batch: token budget of one forward (padding included for "padded");
+            default 8 * max_length, or the largest pair if that is more.
+        reference: True scores through the plain path instead (one unpadded forward per sequence, full
+            logits, float64): slow, for checking a model whose head `output_head` does not know.
+        backend: token log-prob backend, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    Returns:
+        (chosen_logps, rejected_logps): float32 [len(pairs)] on the CPU, in input order.
+    """
+    check_layout(layout)
+    pairs = list(pairs)
+    for i, p in enumerate(pairs):
+        if not isinstance(p, TokenizedPair):
+            raise TypeError(f"pairs[{i}] must be a TokenizedPair (tokenize raw rows first), got {type(p).__name__}")
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0)
+    _check_lengths(pairs, model, max_length)
+    device = next(model.parameters()).device
+    if reference:
+        return _naive_pair_logps(model, pairs, device)
+
+    head = output_head(model)
+    backbone = backbone_of(model)
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    pad_id = _pad_id(tokenizer)
+    if max_tokens_per_batch is None:
+        largest = max(unit_lengths(pairs, layout)) * (2 if layout != "prefix_shared" else 1)
+        max_tokens_per_batch = max(8 * max_length, largest)
+    chosen = torch.zeros(len(pairs), dtype=torch.float32)
+    rejected = torch.zeros(len(pairs), dtype=torch.float32)
+    for members in group_pairs(pairs, layout, max_tokens_per_batch=max_tokens_per_batch):
+        batch_pairs = [pairs[i] for i in members]
+        # Rows no longer than the longest unit or max_length: attention work grows with the row length.
+        row_tokens = max(max(unit_lengths(batch_pairs, layout)), max_length)
+        batch = build_batch(batch_pairs, layout, pad_id=pad_id, max_tokens_per_row=row_tokens)
+        mask = attention_mask_4d(batch, dtype, device=device)
+        hidden = backbone(input_ids=batch.input_ids.to(device), attention_mask=mask,
+                          position_ids=batch.position_ids.to(device), use_cache=False)
+        hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+        segments = batch.segment_ids.reshape(-1).to(device)
+        scored = segments >= 0
+        labels = batch.labels.reshape(-1).to(device)[scored]
+        tok = head_token_logps(hidden.reshape(-1, hidden.shape[-1])[scored], head, labels, backend=backend)
+        b = batch.num_pairs
+        sums = torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, segments[scored], tok).cpu()
+        index = torch.tensor(members)
+        chosen[index], rejected[index] = sums[:b], sums[b:]
+    return chosen, rejected
