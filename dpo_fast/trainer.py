@@ -1,0 +1,872 @@
+"""`DPOTrainer`: a thin DPO training loop over the fused loss and the batch layouts.
+
+One optimizer step:
+
+1. The step's pairs (global batch = per_device_train_batch_size x gradient_accumulation_steps x world
+   size, from a seeded per-epoch permutation) are cut into micro-batches of per_device_train_batch_size
+   pairs; micro-batch j goes to rank j % world_size.
+2. Each micro-batch is laid out (`dpo_fast.layouts`), run through the policy's backbone to its last
+   hidden states with the layout's 4D mask and position ids, and scored by `linear_dpo_loss` against
+   the lm_head weight: the [tokens, vocab] logits never exist.
+3. Its mean loss is scaled by (its pairs / the step's pairs over all micro-batches and ranks) before
+   backward, and the gradients are summed over ranks. The update is therefore the gradient of the mean
+   loss over the step's pairs however they were split: 4 pairs x 1 micro-batch, 1 x 4, 2 ranks x 2, any
+   layout. (Losses with a batch statistic, bco_pair and aot*, see only their micro-batch.)
+4. Clip, optimizer step, scheduler step; metrics every logging_steps, checkpoints every save_steps.
+
+The reference log-probs come from a frozen copy of the initial policy, or a given `ref_model`, or the
+policy with its LoRA adapter disabled, or a disk cache computed once (`precompute_ref`); reference-free
+losses (simpo) use none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .attention import attention_mask_4d
+from .config import DPOConfig
+from .functional import linear_dpo_loss
+from .layouts import build_batch, unit_lengths
+from .losses import DPOOutput, loss_from_logps
+from .metrics import CHART_FILE, METRICS_FILE, MetricsLogger, plot_metrics
+from .pairs import IGNORE_INDEX, Batch, TokenizedPair
+from .scoring import backbone_of, head_token_logps, output_head, pair_logps
+
+logger = logging.getLogger(__name__)
+
+REF_CACHE_VERSION = 1
+# Sums reduced over ranks each step, in this order (one all_reduce for all of them).
+_STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+              "logps/rejected", "kl_num", "kl_den", "pairs", "tokens")
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("lora_r > 0 needs the peft package: pip install 'dpo-fast[peft]'") from None
+    return peft
+
+
+def _model_base(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in its modules)."""
+    return model.get_base_model() if _is_peft_model(model) else model
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A cheap content hash of a model's weights: names, shapes, dtypes, float64 sums and a strided sample.
+
+    Hashing every byte of a 7B model would take a minute; a sum plus 4096 sampled values per tensor
+    changes with any training step or different checkpoint, which is what the cache key needs.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            if not t.is_floating_point() or t.numel() == 0:
+                h.update(t.detach().cpu().contiguous().view(-1)[:4096].numpy().tobytes() if t.numel() else b"")
+                continue
+            flat = t.detach().reshape(-1)
+            stride = max(1, flat.numel() // 4096)
+            h.update(flat[::stride].float().cpu().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()
+
+
+def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+def lr_lambda_factory(schedule: str, total_steps: int, warmup_steps: int):
+    """Multiplier of the peak learning rate at step s (LambdaLR): linear warmup, then the schedule."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _ModelOutputs(nn.Module):
+    """Runs a causal LM to per-sequence scores for a laid-out batch; the unit FSDP shards and hooks.
+
+    forward(...) with reference=False returns the DPO loss outputs as a tuple (FSDP2 traverses tuples
+    to hook its backward), with reference=True the [2B] sequence log-probs without gradient.
+    """
+
+    def __init__(self, model: nn.Module, config: DPOConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        base = _model_base(self.model)
+        use_autocast = self.config.bf16 and input_ids.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            out = backbone_of(base)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor,
+                segment_ids: Tensor, num_pairs: int, ref_chosen: Tensor | None = None,
+                ref_rejected: Tensor | None = None, reference: bool = False):
+        base = _model_base(self.model)
+        head = output_head(base)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        # The head's matmul runs in the head's dtype; [N, H] hidden states are small next to [N, V] logits.
+        hidden = hidden.to(head.weight.dtype)
+        labels = labels.reshape(-1)
+        segments = segment_ids.reshape(-1)
+        labels = torch.where(segments >= 0, labels, IGNORE_INDEX)
+        if reference:
+            tok = head_token_logps(hidden, head, labels, backend=self.config.backend)
+            sums = torch.zeros(2 * num_pairs, dtype=torch.float32, device=hidden.device)
+            return sums.index_add_(0, segments.clamp(min=0), torch.where(segments >= 0, tok, 0.0))
+        lc = self.config.loss_config
+        if head.softcap is None:
+            weight, bias = head.weight, head.bias
+            if head.scale != 1.0:
+                weight = weight * head.scale
+                bias = None if bias is None else bias * head.scale
+            out = linear_dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, bias=bias, beta=lc.beta,
+                                  loss_type=lc.loss_type, label_smoothing=lc.label_smoothing,
+                                  nll_weight=lc.nll_weight, simpo_gamma=lc.simpo_gamma,
+                                  discopop_tau=lc.discopop_tau, segment_ids=segments, backend=self.config.backend)
+        else:
+            # A softcapped head is not linear: score it tile by tile through `head_token_logps`.
+            tok = head_token_logps(hidden, head, labels, backend=self.config.backend)
+            scored = (segments >= 0).to(tok.dtype)
+            slot = segments.clamp(min=0)
+            sums = torch.zeros(2 * num_pairs, dtype=tok.dtype, device=tok.device).index_add(0, slot, tok * scored)
+            lengths = torch.zeros(2 * num_pairs, dtype=tok.dtype, device=tok.device).index_add(0, slot, scored)
+            out = loss_from_logps(lc, sums[:num_pairs], sums[num_pairs:], ref_chosen, ref_rejected,
+                                  chosen_lengths=lengths[:num_pairs], rejected_lengths=lengths[num_pairs:])
+        return (out.loss, out.losses, out.chosen_logps, out.rejected_logps, out.chosen_rewards,
+                out.rejected_rewards)
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    pairs: list[TokenizedPair]
+    weight: float  # this micro-batch's share of the step's pairs (0 for an FSDP filler)
+
+
+def check_output_dir(config: DPOConfig) -> None:
+    """Refuse an output_dir holding another run unless resuming or overwrite_output_dir is set."""
+    out = config.output_dir
+    if config.resume_from_checkpoint or config.overwrite_output_dir or not os.path.isdir(out):
+        return
+    names = os.listdir(out)
+    traces = [n for n in names if n in (METRICS_FILE, "final") or n.startswith("checkpoint-")]
+    if traces:
+        raise ValueError(
+            f"output_dir {out!r} already holds a run ({', '.join(sorted(traces)[:3])}): choose another directory, "
+            "resume it with resume_from_checkpoint='latest', or set overwrite_output_dir=True")
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class DPOTrainer:
+    """DPO training of `model` (a transformers causal LM) on preference pairs.
+
+    Args:
+        model: the policy, e.g. `AutoModelForCausalLM.from_pretrained(...)`; trained in place
+            (`trainer.model` is it, or its peft wrapper when lora_r > 0).
+        tokenizer: used to tokenize `train_data`/`eval_data` and for its pad (else EOS) token id.
+        train_data: a `dpo_fast.data.load_preferences` Dataset, anything `load_preferences` accepts
+            (path, Hub name, list of rows), or a list of `TokenizedPair`.
+        config: a `DPOConfig`.
+        ref_model: the frozen reference; None = a frozen copy of the initial policy (or the policy with
+            its adapter disabled under LoRA). Must be None for reference-free losses.
+        eval_data: like train_data; evaluated at the end of training (metrics prefixed "eval/").
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, train_data: Any, *, config: DPOConfig | None = None,
+                 ref_model: nn.Module | None = None, eval_data: Any = None):
+        self.config = config = config if config is not None else DPOConfig()
+        if not isinstance(config, DPOConfig):
+            raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+        if config.reference_free and ref_model is not None:
+            raise ValueError(f"loss_type={config.loss_type!r} is reference-free: do not pass ref_model")
+        check_output_dir(config)
+        self.tokenizer = tokenizer
+        self._init_distributed()
+        set_seed(config.seed)
+        self.layout = self._choose_layout(model)
+
+        self.train_pairs = self._as_pairs(train_data, "train_data")
+        if not self.train_pairs:
+            raise ValueError("train_data holds no preference pair")
+        self.eval_pairs = None if eval_data is None else self._as_pairs(eval_data, "eval_data")
+        self._check_pair_sizes(self.train_pairs, "train_data")
+        if self.eval_pairs:
+            self._check_pair_sizes(self.eval_pairs, "eval_data")
+
+        if config.lora_r > 0:
+            model = self._add_lora(model)
+        model.to(self.device)
+        if config.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.bf16 and self.device.type != "cuda":
+            warnings.warn("bf16=True is ignored on the CPU (autocast is used on CUDA only)", stacklevel=2)
+        self.model = model
+        self._initial_fingerprint: str | None = None
+        self.ref_model = None
+        if ref_model is not None:
+            ref_model.to(self.device)
+            self.ref_model = self._freeze(ref_model)
+        self._plan_cache: tuple[int, list[list[int]]] | None = None
+        micro_per_step = config.gradient_accumulation_steps * self.world_size
+        self.steps_per_epoch = math.ceil(len(self.epoch_plan(0)) / micro_per_step)
+        if config.max_steps > 0:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.steps_per_epoch * config.num_train_epochs))
+        self.global_step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._ref_cache: dict[str, Tensor] = {}
+        self._outputs = _ModelOutputs(self.model, config)
+        self._ref_outputs: _ModelOutputs | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.metrics: MetricsLogger | None = None
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _init_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if self.config.fsdp and not self.distributed:
+            warnings.warn("fsdp=True with a single process: nothing to shard, training unsharded", stacklevel=3)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _choose_layout(self, model: nn.Module) -> str:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+        if "flash" in impl and self.config.layout != "padded":
+            warnings.warn(f"attn_implementation={impl!r} cannot take the {self.config.layout!r} layout's 4D mask: "
+                          "using the 'padded' layout", stacklevel=3)
+            return "padded"
+        return self.config.layout
+
+    def _as_pairs(self, data: Any, name: str) -> list[TokenizedPair]:
+        if isinstance(data, (list, tuple)) and data and all(isinstance(p, TokenizedPair) for p in data):
+            pairs = list(data)
+        else:
+            if isinstance(data, (list, tuple)) and any(isinstance(p, TokenizedPair) for p in data):
+                bad = next(i for i, p in enumerate(data) if not isinstance(p, TokenizedPair))
+                raise TypeError(f"{name}[{bad}] is a {type(data[bad]).__name__}, the others TokenizedPair: "
+                                "pass one kind")
+            import datasets
+
+            from .data import load_preferences
+            from .tokenization import tokenize_dataset
+
+            dataset = data if isinstance(data, datasets.Dataset) else load_preferences(data)
+            if self.tokenizer is None:
+                raise ValueError(f"{name} is raw text: a tokenizer is needed to tokenize it")
+            result = tokenize_dataset(self.tokenizer, dataset, max_length=self.config.max_length,
+                                      truncation=self.config.truncation)
+            pairs = list(result[0] if isinstance(result, tuple) else result)
+        # Positions in this list key the reference log-probs; the source row stays in error messages.
+        return pairs
+
+    def _check_pair_sizes(self, pairs: list[TokenizedPair], name: str) -> None:
+        if self.layout == "padded":
+            return
+        capacity = self.config.row_capacity
+        lengths = unit_lengths(pairs, self.layout)
+        for i, n in enumerate(lengths):
+            if n > capacity:
+                j = i % len(pairs)
+                raise ValueError(f"{name}[{j}] (dataset row {pairs[j].index}) needs {n} tokens in one row of the "
+                                 f"{self.layout!r} layout, more than max_tokens_per_row={capacity}")
+
+    def _add_lora(self, model: nn.Module) -> nn.Module:
+        peft = _require_peft()
+        if _is_peft_model(model):
+            return model
+        targets = [t.strip() for t in self.config.lora_target_modules.split(",") if t.strip()]
+        lora = peft.LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
+                               lora_dropout=self.config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, lora)
+
+    @staticmethod
+    def _freeze(model: nn.Module) -> nn.Module:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    @property
+    def has_adapter(self) -> bool:
+        return _is_peft_model(self.model)
+
+    def _setup_reference(self) -> None:
+        """Before any weight changes: the reference copy, or the precomputed reference log-probs."""
+        if self.config.reference_free:
+            return
+        if self.config.precompute_ref:
+            # Without a separate ref model, the policy as it is now (before training or resuming) is the reference.
+            source = self.ref_model if self.ref_model is not None else self.model
+            self._ref_cache["train"] = self._cached_reference_logps(source, self.train_pairs, "train")
+            if self.eval_pairs:
+                self._ref_cache["eval"] = self._cached_reference_logps(source, self.eval_pairs, "eval")
+            # Freed: its log-probs are all the run needs.
+            self.ref_model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return
+        if self.ref_model is None and not self.has_adapter:
+            self.ref_model = self._freeze(copy.deepcopy(self.model))
+        if self.ref_model is not None:
+            self._ref_outputs = _ModelOutputs(self.ref_model, self.config)
+
+    def _ref_cache_path(self, model: nn.Module, pairs: list[TokenizedPair]) -> str:
+        key = hashlib.sha256()
+        settings = {"version": REF_CACHE_VERSION, "max_length": self.config.max_length,
+                    "truncation": self.config.truncation, "layout": self.layout,
+                    "bf16": self.config.bf16 and self.device.type == "cuda", "adapter_disabled": self.has_adapter}
+        key.update(json.dumps(settings, sort_keys=True).encode())
+        key.update(weights_fingerprint(model).encode())
+        key.update(pairs_fingerprint(pairs).encode())
+        directory = self.config.ref_cache_dir or os.path.join(self.config.output_dir, "ref_cache")
+        return os.path.join(directory, f"ref_logps-{key.hexdigest()[:32]}.pt")
+
+    def _cached_reference_logps(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> Tensor:
+        """[len(pairs), 2] (chosen, rejected) reference log-probs, from the disk cache or computed and cached."""
+        path = self._ref_cache_path(model, pairs)
+        if os.path.isfile(path):
+            cached = torch.load(path, weights_only=True)
+            if tuple(cached.shape) == (len(pairs), 2):
+                logger.info("reference log-probs for %s read from %s", split, path)
+                return cached
+        values = torch.zeros(len(pairs), 2, dtype=torch.float32)
+        mine = list(range(self.rank, len(pairs), self.world_size))
+        if mine:
+            was_training = model.training
+            model.eval()
+            adapter_off = model.disable_adapter() if _is_peft_model(model) else contextlib.nullcontext()
+            with adapter_off, torch.no_grad():
+                chosen, rejected = pair_logps(
+                    _model_base(model), self.tokenizer, [pairs[i] for i in mine], layout=self.layout,
+                    max_length=max(self.config.max_length, max(self._longest(pairs[i]) for i in mine)),
+                    max_tokens_per_batch=self.config.row_capacity * self.config.per_device_train_batch_size,
+                    backend=self.config.backend)
+            model.train(was_training)
+            values[mine, 0], values[mine, 1] = chosen, rejected
+        if self.distributed:
+            values = values.to(self.device)
+            dist.all_reduce(values)
+            values = values.cpu()
+        if self.rank == 0:
+            ckpt.atomic_torch_save(values, path)
+            logger.info("reference log-probs for %s cached in %s", split, path)
+        self._barrier()
+        return values
+
+    @staticmethod
+    def _longest(pair: TokenizedPair) -> int:
+        return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+    def _build_optimizer(self) -> None:
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameter")
+        c = self.config
+        # No decay on biases and norm scales (1-D): decaying them only hurts, as is common practice.
+        groups = [
+            {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+            {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if c.optim == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=c.learning_rate)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                               eps=c.adam_epsilon)
+        warmup = math.ceil(c.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda_factory(c.lr_scheduler_type, self.total_steps, warmup))
+
+    def _setup_parallel(self) -> None:
+        if not self.distributed:
+            return
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for outputs in (self._outputs, self._ref_outputs):
+                if outputs is None:
+                    continue
+                backbone = backbone_of(_model_base(outputs.model))
+                for layer in getattr(backbone, "layers", []):
+                    fully_shard(layer)
+                fully_shard(outputs)
+            return
+        # Replicas must start equal: the all-reduced gradients are applied to every copy.
+        with torch.no_grad():
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def _prepare(self) -> None:
+        if self.optimizer is not None:
+            return
+        self._setup_reference()
+        self._setup_parallel()
+        self._build_optimizer()
+        if self.rank == 0:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+        if self.config.resume_from_checkpoint:
+            self._resume(ckpt.resolve_resume_path(self.config.resume_from_checkpoint, self.config.output_dir))
+        elif self.rank == 0 and os.path.exists(os.path.join(self.config.output_dir, METRICS_FILE)):
+            os.unlink(os.path.join(self.config.output_dir, METRICS_FILE))  # overwrite_output_dir
+        self.metrics = MetricsLogger(self.config.output_dir, enabled=self.rank == 0,
+                                     tensorboard=self.config.report_to_tensorboard)
+        self._barrier()
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed + epoch)
+        return torch.randperm(len(self.train_pairs), generator=g).tolist()
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """All micro-batches of an epoch, in order, as lists of indices into train_pairs (same on every rank).
+
+        Pair batching: the epoch's permutation cut into per_device_train_batch_size pairs. Token batching
+        (max_tokens_per_batch > 0): the permutation packed into bins of that many tokens by
+        `dpo_fast.packing.pack`, ordered so that each run of world_size bins carries near-equal tokens.
+        """
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        order = self._epoch_order(epoch)
+        c = self.config
+        if c.max_tokens_per_batch:
+            from .layouts import pair_cost
+            from .packing import pack
+
+            costs = [pair_cost(self.train_pairs[i], self.layout) for i in order]
+            bins = pack(costs, c.max_tokens_per_batch, world_size=self.world_size, seed=c.seed + epoch)
+            plan = [[order[k] for k in sorted(b)] for b in bins]
+        else:
+            size = c.per_device_train_batch_size
+            plan = [order[s:s + size] for s in range(0, len(order), size)]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def step_micro_batches(self, epoch: int, step_in_epoch: int) -> list[list[int]]:
+        """The global step's micro-batches (all ranks); micro-batch j is run by rank j % world_size."""
+        n = self.config.gradient_accumulation_steps * self.world_size
+        return self.epoch_plan(epoch)[step_in_epoch * n:(step_in_epoch + 1) * n]
+
+    def _my_micro_batches(self, micro_batches: list[list[int]]) -> list[tuple[list[int], float]]:
+        """This rank's micro-batches of a step: (pair indices, share of the step's pairs)."""
+        total = sum(len(m) for m in micro_batches)
+        mine = [(m, len(m) / total) for j, m in enumerate(micro_batches) if j % self.world_size == self.rank]
+        if self.config.fsdp and self.distributed:
+            # FSDP's collectives run inside forward and backward: every rank must run as many micro-batches.
+            most = math.ceil(len(micro_batches) / self.world_size)
+            mine += [(micro_batches[0], 0.0)] * (most - len(mine))
+        return mine
+
+    def _to_device(self, batch: Batch) -> dict[str, Any]:
+        dtype = next(self.model.parameters()).dtype
+        impl = getattr(getattr(_model_base(self.model), "config", None), "_attn_implementation", None) or ""
+        if "flash" in impl:
+            mask = (batch.document_ids >= 0).long().to(self.device)
+        else:
+            mask = attention_mask_4d(batch, dtype, device=self.device)
+        return {"input_ids": batch.input_ids.to(self.device), "attention_mask": mask,
+                "position_ids": batch.position_ids.to(self.device), "labels": batch.labels.to(self.device),
+                "segment_ids": batch.segment_ids.to(self.device), "num_pairs": batch.num_pairs}
+
+    def _build(self, pairs: list[TokenizedPair]) -> Batch:
+        capacity = None if self.layout == "padded" else self.config.row_capacity
+        return build_batch(pairs, self.layout, pad_id=self._pad_id(), max_tokens_per_row=capacity)
+
+    def _pad_id(self) -> int:
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, name, None) if self.tokenizer is not None else None
+            if value is not None:
+                return int(value)
+        return 0  # padding is never attended to nor scored
+
+    # -- reference log-probs for a batch ----------------------------------------------------------
+
+    def _reference_logps(self, split: str, indices: list[int], inputs: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        if self.config.reference_free:
+            return None
+        if split in self._ref_cache:
+            values = self._ref_cache[split][indices].to(self.device)
+            return values[:, 0], values[:, 1]
+        with torch.no_grad():
+            if self._ref_outputs is not None:
+                sums = self._ref_outputs(**inputs, reference=True)
+            else:  # LoRA: the base model is the reference
+                was_training = self.model.training
+                self.model.eval()
+                with self.model.disable_adapter():
+                    sums = self._outputs(**inputs, reference=True)
+                self.model.train(was_training)
+        b = inputs["num_pairs"]
+        return sums[:b], sums[b:]
+
+    # -- one optimizer step -----------------------------------------------------------------------
+
+    def compute_gradients(self, micro_batches: list[list[int]]) -> dict[str, float]:
+        """Forward and backward of this rank's share of one step, given as all ranks' micro-batches.
+
+        micro_batches: lists of indices into train_pairs; micro-batch j is run by rank j % world_size.
+        Leaves in each parameter's .grad the gradient of the mean loss over all the step's pairs (summed
+        over ranks) and returns the step's statistics (sums over pairs), reduced over ranks.
+        """
+        self._prepare()
+        split, pairs = "train", self.train_pairs
+        stats = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+        micro = self._my_micro_batches(micro_batches)
+        for j, (members, weight) in enumerate(micro):
+            batch = self._build([pairs[i] for i in members])
+            inputs = self._to_device(batch)
+            ref = self._reference_logps(split, members, inputs)
+            if hasattr(self._outputs, "set_requires_gradient_sync"):
+                self._outputs.set_requires_gradient_sync(j == len(micro) - 1)
+            loss, *rest = self._outputs(**inputs, ref_chosen=None if ref is None else ref[0],
+                                        ref_rejected=None if ref is None else ref[1])
+            # FSDP averages gradients over ranks; the manual all-reduce sums them.
+            scale = weight * (self.world_size if self.config.fsdp and self.distributed else 1)
+            (loss * scale).backward()
+            if weight > 0:
+                stats += self._batch_stats(batch, loss, rest, ref)
+        self._all_reduce_gradients()
+        if self.distributed:
+            stats_dev = stats.to(self.device)
+            dist.all_reduce(stats_dev)
+            stats = stats_dev.cpu()
+        return dict(zip(_STAT_KEYS, stats.tolist()))
+
+    @staticmethod
+    def _batch_stats(batch: Batch, loss: Tensor, rest: list[Tensor], ref) -> Tensor:
+        losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = (t.detach().double() for t in rest)
+        b = batch.num_pairs
+        seg = batch.segment_ids.reshape(-1)
+        chosen_tokens = int(((seg >= 0) & (seg < b)).sum())
+        kl_num = 0.0
+        if ref is not None:
+            kl_num = float((chosen_logps - ref[0].double()).sum())
+        return torch.tensor([
+            float(loss.detach()) * b, float(chosen_rewards.sum()), float(rejected_rewards.sum()),
+            float((chosen_rewards > rejected_rewards).double().sum()), float(chosen_logps.sum()),
+            float(rejected_logps.sum()), kl_num, chosen_tokens if ref is not None else 0, b, batch.num_tokens,
+        ], dtype=torch.float64)
+
+    def _all_reduce_gradients(self) -> None:
+        if not self.distributed or self.config.fsdp:
+            return
+        grads = []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)  # every rank must reduce the same tensors
+                grads.append(p.grad)
+        bucket, size = [], 0
+        for g in grads + [None]:
+            if g is not None:
+                bucket.append(g)
+                size += g.numel()
+            if bucket and (g is None or size >= 1 << 24):
+                flat = torch._utils._flatten_dense_tensors(bucket)
+                dist.all_reduce(flat)
+                for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                    dst.copy_(src)
+                bucket, size = [], 0
+
+    def optimizer_step(self) -> float:
+        """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping."""
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Run to config.max_steps (or the epochs); returns the last logged metrics."""
+        self._prepare()
+        self.model.train()
+        c = self.config
+        progress = _progress_bar(self.total_steps, self.global_step, enabled=self.rank == 0)
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last: dict[str, float] = {}
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        while self.global_step < self.total_steps:
+            stats = self.compute_gradients(self.step_micro_batches(self.epoch, self.step_in_epoch))
+            stats["grad_norm"] = self.optimizer_step()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            for k, v in stats.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            pairs = max(stats["pairs"], 1.0)
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['loss'] / pairs:.4f}",
+                                 acc=f"{stats['rewards/accuracies'] / pairs:.2f}")
+            if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                last = self._window_metrics(window, window_steps, elapsed)
+                self.metrics.log(self.global_step, last)
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if c.save_steps and self.global_step % c.save_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        if self.eval_pairs:
+            evaluated = self.evaluate()
+            self.metrics.log(self.global_step, evaluated)
+            last = {**last, **evaluated}
+        self.save_final()
+        if self.rank == 0:
+            plot_metrics(self.metrics.history, os.path.join(c.output_dir, CHART_FILE))
+        self.metrics.close()
+        return last
+
+    def _window_metrics(self, window: dict[str, float], steps: int, elapsed: float) -> dict[str, float]:
+        pairs = max(window["pairs"], 1.0)
+        out = {
+            "loss": window["loss"] / pairs,
+            "rewards/chosen": window["rewards/chosen"] / pairs,
+            "rewards/rejected": window["rewards/rejected"] / pairs,
+            "rewards/margins": (window["rewards/chosen"] - window["rewards/rejected"]) / pairs,
+            "rewards/accuracies": window["rewards/accuracies"] / pairs,
+            "logps/chosen": window["logps/chosen"] / pairs,
+            "logps/rejected": window["logps/rejected"] / pairs,
+        }
+        if window["kl_den"] > 0:
+            out["kl"] = window["kl_num"] / window["kl_den"]
+        out.update({
+            "grad_norm": window["grad_norm"] / steps,
+            "lr": self.scheduler.get_last_lr()[0],
+            "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+            "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+            "pairs_per_s": window["pairs"] / max(elapsed, 1e-9),
+            "peak_memory_mb": _peak_memory_mb(self.device),
+        })
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics over eval_data (no gradient), named "eval/<metric>"."""
+        self._prepare()
+        if not self.eval_pairs:
+            raise ValueError("evaluate() needs eval_data")
+        was_training = self.model.training
+        self.model.eval()
+        stats = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+        indices = list(range(len(self.eval_pairs)))
+        size = self.config.per_device_train_batch_size
+        chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
+        for j, members in enumerate(chunks):
+            if j % self.world_size != self.rank:
+                continue
+            batch = self._build([self.eval_pairs[i] for i in members])
+            inputs = self._to_device(batch)
+            ref = self._reference_logps("eval", members, inputs)
+            loss, *rest = self._outputs(**inputs, ref_chosen=None if ref is None else ref[0],
+                                        ref_rejected=None if ref is None else ref[1])
+            stats += self._batch_stats(batch, loss, rest, ref)
+        if self.distributed:
+            stats_dev = stats.to(self.device)
+            dist.all_reduce(stats_dev)
+            stats = stats_dev.cpu()
+        self.model.train(was_training)
+        s = dict(zip(_STAT_KEYS, stats.tolist()))
+        pairs = max(s["pairs"], 1.0)
+        out = {"eval/loss": s["loss"] / pairs, "eval/rewards/accuracies": s["rewards/accuracies"] / pairs,
+               "eval/rewards/margins": (s["rewards/chosen"] - s["rewards/rejected"]) / pairs,
+               "eval/logps/chosen": s["logps/chosen"] / pairs, "eval/logps/rejected": s["logps/rejected"] / pairs}
+        if s["kl_den"] > 0:
+            out["eval/kl"] = s["kl_num"] / s["kl_den"]
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _full_state_dict(self) -> dict[str, Tensor] | None:
+        if not (self.config.fsdp and self.distributed):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self._outputs, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("model."): v for k, v in state.items()}
+
+    def _save_model(self, directory: str, state_dict: dict[str, Tensor] | None = None) -> None:
+        if state_dict is None:
+            self.model.save_pretrained(directory)
+        else:
+            self.model.save_pretrained(directory, state_dict=state_dict)
+
+    def save_checkpoint(self) -> str:
+        state_dict = self._full_state_dict()  # a collective under FSDP: every rank takes part
+        fsdp = self.config.fsdp and self.distributed
+        trainer_state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "total_steps": self.total_steps,
+                         "num_train_pairs": len(self.train_pairs), "config": self.config.to_dict()}
+        return ckpt.save_checkpoint(
+            self.config.output_dir, self.global_step,
+            save_model=lambda d: self._save_model(d, state_dict),
+            optimizer_state=None if fsdp else self.optimizer.state_dict(),
+            sharded_optimizer_state=self.optimizer.state_dict() if fsdp else None,
+            scheduler_state=self.scheduler.state_dict(), trainer_state=trainer_state,
+            rank=self.rank, world_size=self.world_size, barrier=self._barrier,
+            save_total_limit=self.config.save_total_limit)
+
+    def _resume(self, path: str) -> None:
+        state = ckpt.read_trainer_state(path)
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError(f"checkpoint {path!r} was written by {state.get('world_size')} processes, this run has "
+                             f"{self.world_size}: resume with the same number (the data split depends on it)")
+        if state.get("num_train_pairs") != len(self.train_pairs):
+            raise ValueError(f"checkpoint {path!r} was trained on {state.get('num_train_pairs')} pairs, train_data "
+                             f"has {len(self.train_pairs)}: resume with the same data")
+        if self.has_adapter:
+            peft = _require_peft()
+            peft.set_peft_model_state_dict(self.model, ckpt.load_safetensors_dir(path))
+        elif self.config.fsdp and self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full = {f"model.{k}": v for k, v in ckpt.load_safetensors_dir(path).items()}
+            set_model_state_dict(self._outputs, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            ckpt.load_model_weights(self.model, path)
+        optim_file = (os.path.join(path, f"optimizer_rank{self.rank}.pt") if self.config.fsdp and self.distributed
+                      else os.path.join(path, "optimizer.pt"))
+        self.optimizer.load_state_dict(torch.load(optim_file, map_location=self.device, weights_only=False))
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        ckpt.load_rng_state(path, self.rank)
+        self.global_step = int(state["global_step"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        if self.rank == 0:
+            _truncate_metrics(os.path.join(self.config.output_dir, METRICS_FILE), self.global_step)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def save_final(self) -> str:
+        """save_pretrained into output_dir/final (adapters, or merged weights with merge_lora=True)."""
+        final = os.path.join(self.config.output_dir, "final")
+        state_dict = self._full_state_dict()
+        if self.rank == 0:
+            tmp = final + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = self.model
+            if self.has_adapter and self.config.merge_lora:
+                model = self.model.merge_and_unload()
+                self.model = model
+            if state_dict is None:
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(tmp)
+            ckpt.fsync_tree(tmp)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        self._barrier()
+        return final
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop logged steps after the checkpoint we resume from: they will be logged again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    ckpt.atomic_write_bytes(path, "".join(lines).encode())
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="dpo", disable=not enabled or not sys.stderr, dynamic_ncols=True)
+
+
+__all__ = ["DPOConfig", "DPOOutput", "DPOTrainer", "check_output_dir", "set_seed", "weights_fingerprint"]
