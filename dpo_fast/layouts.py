@@ -58,6 +58,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .packing import pack
 from .pairs import (
     IGNORE_INDEX,
     LAYOUTS,
@@ -127,34 +128,6 @@ def pair_cost(pair: TokenizedPair, layout: str) -> int:
     return pair.num_tokens_padded
 
 
-def pack_items(lengths: Sequence[int], capacity: int, *, algorithm: str = "bfd", seed: int = 0) -> list[list[int]]:
-    """Bins of item indexes whose lengths sum to at most `capacity`: `dpo_fast.packing.pack` when present.
-
-    Until the packer lands, a first-fit-decreasing fallback in plain Python keeps layouts usable.
-    """
-    for i, n in enumerate(lengths):
-        if n > capacity:
-            raise ValueError(f"item {i} has {n} tokens, more than the capacity {capacity}")
-    try:
-        from .packing import pack
-    except ImportError:
-        pack = None
-    if pack is not None:
-        return [list(b) for b in pack(list(lengths), capacity, algorithm=algorithm, seed=seed)]
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return bins
-
-
 def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
                 max_tokens_per_row: int | None = None) -> Batch:
     """Lay out `pairs` as one `Batch` (tensors on the CPU, int64).
@@ -192,7 +165,7 @@ def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
     if layout == "padded":
         rows = [[i] for i in range(len(units))]
     else:
-        rows = pack_items(lengths, max_tokens_per_row or sum(lengths))
+        rows = pack(lengths, max_tokens_per_row or sum(lengths), seed=None)
         # Keep units in input order inside a row: deterministic, and easy to read when debugging.
         rows = sorted(sorted(r) for r in rows)
     width = max(sum(lengths[i] for i in r) for r in rows)
@@ -224,7 +197,7 @@ def group_pairs(pairs: Sequence[TokenizedPair], layout: str, *, max_tokens_per_b
     """Split a long list of pairs into batches (lists of indexes into `pairs`) under a token budget.
 
     "packed" and "prefix_shared" batches hold at most `max_tokens_per_batch` tokens of their units (rows
-    built from them may add a little padding); they are bins of `pack_items`. "padded" batches are costed
+    built from them may add a little padding); they are bins of `dpo_fast.packing.pack`. "padded" batches are costed
     with their padding, 2 * B * longest sequence <= max_tokens_per_batch: pairs sorted by length, then
     cut greedily, which keeps the padding low. A pair that alone exceeds the budget raises.
     """
@@ -252,4 +225,4 @@ def group_pairs(pairs: Sequence[TokenizedPair], layout: str, *, max_tokens_per_b
         if c > max_tokens_per_batch:
             raise ValueError(f"pairs[{i}] (dataset row {pairs[i].index}) needs {c} tokens in the {layout!r} layout, "
                              f"more than max_tokens_per_batch={max_tokens_per_batch}")
-    return [sorted(b) for b in pack_items(costs, max_tokens_per_batch, algorithm=algorithm, seed=seed)]
+    return [sorted(b) for b in pack(costs, max_tokens_per_batch, algorithm=algorithm, seed=seed)]

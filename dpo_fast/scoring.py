@@ -8,8 +8,9 @@ the labelled positions with `dpo_fast.ops.linear_token_logps`, one vocabulary ti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,6 +125,29 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def _as_tokenized(pairs: Sequence[TokenizedPair | Mapping[str, Any]], tokenizer,
+                  max_length: int) -> list[TokenizedPair]:
+    """TokenizedPair rows as they are; raw {"prompt", "chosen", "rejected"} rows through `tokenize_pair`."""
+    out = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, Mapping):
+            if tokenizer is None:
+                raise ValueError(f"pairs[{i}] is a raw row: pass the tokenizer to tokenize it, or TokenizedPair rows")
+            from .tokenization import tokenize_pair
+
+            pair = tokenize_pair(tokenizer, p, max_length=max_length, index=i)
+            if pair is None:
+                # Dropping it would shift every later result: scoring needs each row.
+                raise ValueError(f"pairs[{i}] cannot be tokenized into a scorable pair (tokenize_pair dropped it; "
+                                 "tokenize_dataset reports why)")
+            p = pair
+        if not isinstance(p, TokenizedPair):
+            raise TypeError(f"pairs[{i}] must be a TokenizedPair or a raw preference row (a mapping), "
+                            f"got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
 def _naive_pair_logps(model, pairs: Sequence[TokenizedPair], device) -> tuple[Tensor, Tensor]:
     """One unpadded forward per sequence, full logits, float64 log-softmax: the oracle the fast path must match."""
     out = torch.zeros(2, len(pairs), dtype=torch.float64)
@@ -137,7 +161,7 @@ def _naive_pair_logps(model, pairs: Sequence[TokenizedPair], device) -> tuple[Te
 
 
 @torch.no_grad()
-def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str = "prefix_shared",
+def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair | Mapping[str, Any]], *, layout: str = "prefix_shared",
                max_length: int = 1024, max_tokens_per_batch: int | None = None, reference: bool = False,
                backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Summed log-probs of each pair's chosen and rejected completion given its prompt.
@@ -145,10 +169,12 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str 
     Args:
         model: a transformers causal LM (`AutoModelForCausalLM`) whose attention takes a 4D float mask
             (attn_implementation "eager" or "sdpa"); scored as is (call `model.eval()` to drop dropout).
-        tokenizer: only its pad (else EOS) token id is read; None pads with 0.
-        pairs: TokenizedPair rows (tokenize them first; nothing is truncated here).
+        tokenizer: tokenizes raw rows, and gives the pad (else EOS) id; None pads with 0.
+        pairs: TokenizedPair rows, or raw {"prompt", "chosen", "rejected"} rows tokenized here with
+            `dpo_fast.tokenization.tokenize_pair(tokenizer, row, max_length=max_length)` (its truncation rules);
+            a row it drops raises.
         layout: "prefix_shared" (prompt computed once per pair), "packed" or "padded".
-        max_length: the longest prompt + completion accepted; longer raises.
+        max_length: the longest prompt + completion: raw rows are truncated to it, a longer TokenizedPair raises.
         max_tokens_per_batch: token budget of one forward (padding included for "padded");
             default 8 * max_length, or the largest pair if that is more.
         reference: True scores through the plain path instead (one unpadded forward per sequence, full
@@ -158,10 +184,7 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str 
         (chosen_logps, rejected_logps): float32 [len(pairs)] on the CPU, in input order.
     """
     check_layout(layout)
-    pairs = list(pairs)
-    for i, p in enumerate(pairs):
-        if not isinstance(p, TokenizedPair):
-            raise TypeError(f"pairs[{i}] must be a TokenizedPair (tokenize raw rows first), got {type(p).__name__}")
+    pairs = _as_tokenized(pairs, tokenizer, max_length)
     if not pairs:
         return torch.zeros(0), torch.zeros(0)
     _check_lengths(pairs, model, max_length)

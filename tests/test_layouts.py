@@ -23,7 +23,7 @@ from dpo_fast.attention import (
     flex_block_mask,
     varlen_cu_seqlens,
 )
-from dpo_fast.layouts import build_batch, group_pairs, pack_items, pair_cost
+from dpo_fast.layouts import build_batch, group_pairs, pair_cost
 from dpo_fast.pairs import IGNORE_INDEX, LAYOUTS, ROLE_PAD, TokenizedPair
 from dpo_fast.scoring import pair_logps
 
@@ -185,16 +185,6 @@ def test_group_pairs_budget(layout):
     assert len(batches) > 1
 
 
-def test_pack_items_capacity():
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 50) for _ in range(40)]
-    bins = pack_items(lengths, 64)
-    assert sorted(i for b in bins for i in b) == list(range(40))
-    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
-    with pytest.raises(ValueError, match="item 2 has 70 tokens"):
-        pack_items([1, 2, 70], 64)
-
-
 def test_bad_input_errors():
     good = TokenizedPair((1, 2), (3,), (4,), index=7)
     with pytest.raises(ValueError, match="layout='bogus'"):
@@ -296,13 +286,30 @@ def test_pair_logps_reference_path_and_defaults():
     assert empty[0].shape == (0,) and empty[1].shape == (0,)
 
 
+def test_pair_logps_raw_rows_are_tokenized():
+    from dpo_fast.tasks import build_tokenizer
+    from dpo_fast.tokenization import tokenize_pair
+
+    tokenizer = build_tokenizer()
+    rows = [{"prompt": "sort 3 1 2 =", "chosen": " 1 2 3", "rejected": " 3 2 1 1"},
+            {"prompt": "sort 9 =", "chosen": " 9", "rejected": " 8 9 0 0 1"}]
+    model = tiny_model("llama", "sdpa")
+    tokenized = [tokenize_pair(tokenizer, r, max_length=64, index=i) for i, r in enumerate(rows)]
+    expected = naive_logps(model, tokenized)
+    got = pair_logps(model, tokenizer, rows, max_length=64)
+    assert_close(got[0], expected[0], torch.float32, "chosen")
+    assert_close(got[1], expected[1], torch.float32, "rejected")
+    with pytest.raises(ValueError, match=r"pairs\[0\] is a raw row: pass the tokenizer"):
+        pair_logps(model, None, rows)
+
+
 def test_pair_logps_errors():
     model = tiny_model("llama", "eager")
     long_pair = TokenizedPair(tuple(range(30)), tuple(range(20)), (1,), index=42)
     with pytest.raises(ValueError, match=r"pairs\[0\] \(dataset row 42\).*50 tokens.*max_length=40"):
         pair_logps(model, None, [long_pair], max_length=40)
-    with pytest.raises(TypeError, match=r"pairs\[0\] must be a TokenizedPair"):
-        pair_logps(model, None, [{"prompt": "hi"}])
+    with pytest.raises(TypeError, match=r"pairs\[0\] must be a TokenizedPair or a raw preference row"):
+        pair_logps(model, None, [("prompt", "chosen", "rejected")])
     with pytest.raises(ValueError, match="layout='nope'"):
         pair_logps(model, None, [long_pair], layout="nope")
 
