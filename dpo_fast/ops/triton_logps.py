@@ -124,6 +124,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.ignore_index = ignore_index
     ctx.block_v = block_v
     ctx.mark_non_differentiable(lse)
+    # The lse output never gets a gradient: no zero [N] tensor for it, and None for an unused logps.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_logps: Tensor | None, grad_lse: Tensor | None):
