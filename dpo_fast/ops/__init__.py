@@ -36,4 +36,18 @@ def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_r
 
     None sends the caller down the recompute schedule (token log-probs, then autograd).
     """
-    return None
+    from ..losses import PAIR_SEPARABLE
+
+    if backend != "torch" or config.loss_type not in PAIR_SEPARABLE:
+        return None
+    from ..validation import check_ref
+    from . import torch_one_pass
+
+    b = flat.num_sequences // 2
+    check_ref("ref_chosen_logps", ref_chosen_logps, b, flat.values.device)
+    check_ref("ref_rejected_logps", ref_rejected_logps, b, flat.values.device)
+    lengths = flat.lengths() if config.needs_lengths else None
+    return torch_one_pass.linear_dpo_loss_one_pass(
+        config, flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences, flat.ignore_index,
+        ref_chosen_logps, ref_rejected_logps, lengths,
+    )

@@ -1,0 +1,284 @@
+"""One-pass ("materialise a chunk") DPO loss from hidden states, in pure torch.
+
+The recompute schedule (`torch_logps.TorchLinearTokenLogps`) computes every logit tile twice: once
+in the forward for the log-sum-exp, once in the backward for `softmax`. This schedule computes each
+tile once (6·N·H·V flops instead of 8) by finishing the gradient inside the forward. That works for
+pair-separable losses, processed pair by pair (pair i = sequences i and B+i):
+
+1. For each chunk of the pair's scored tokens: logits z = h W^T + b (one [chunk, V] float32 tile),
+   lse, target logit, D = onehot - softmax. Right away: dh rows = D W (kept per token, unscaled),
+   and the weight-gradient part D^T h is added to per-pair scratch buffers (M_c, M_r: [V, H]).
+2. When the pair is complete, its log-probs are known, hence the per-pair coefficients
+   g_c = dL/dlogp_c and g_r = dL/dlogp_r (torch autograd on the [1]-sized pair loss). Then
+   dweight += g_c M_c + g_r M_r, the pair's dh rows are scaled by their coefficient.
+
+For losses where g_r is a fixed multiple k of g_c (the loss depends on rho_c - rho_r only: k = -1, or
+-len_c / len_r when length-normalised) a single buffer M = M_c + k M_r suffices: the rejected rows of
+D are scaled by k before they enter it, and dweight += g_c M.
+
+Memory beyond the inputs: the gradients (dhidden in the input dtype, dweight float32), one or two
+[V, H] float32 scratch buffers, one logit tile, and the pair's dh rows in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..losses import LENGTH_NORMALISED, PAIR_SEPARABLE, DPOOutput, LossConfig, loss_from_logps
+
+# Tokens per logit tile: a [256, 32000] float32 tile is 33 MB, large enough for efficient CPU matmuls.
+DEFAULT_CHUNK_TOKENS = 256
+
+# Losses that depend on rho_c - rho_r alone, so g_r / g_c is fixed before the pair is seen.
+_DELTA_ONLY = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "robust", "exo_pair", "discopop", "simpo"})
+
+
+def single_buffer_applies(config: LossConfig) -> bool:
+    """True when one [V, H] scratch buffer is enough (g_r = k g_c with k known in advance)."""
+    return config.loss_type in _DELTA_ONLY and config.nll_weight == 0
+
+
+class _PairGrads:
+    """Per-pair dL_i/dlogp_c and dL_i/dlogp_r from the [1]-sized pair loss, by torch autograd."""
+
+    def __init__(self, config: LossConfig, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
+                 lengths: Tensor | None, num_pairs: int, dtype: torch.dtype):
+        self.config = config
+        self.ref_chosen = None if ref_chosen is None else ref_chosen.detach()
+        self.ref_rejected = None if ref_rejected is None else ref_rejected.detach()
+        self.lengths = lengths
+        self.num_pairs = num_pairs
+        self.dtype = dtype
+
+    def __call__(self, i: int, logp_c: Tensor, logp_r: Tensor) -> tuple[Tensor, Tensor]:
+        b = self.num_pairs
+        pc = logp_c.detach().reshape(1).to(self.dtype).requires_grad_()
+        pr = logp_r.detach().reshape(1).to(self.dtype).requires_grad_()
+        sl = slice(i, i + 1)
+        with torch.enable_grad():
+            out = loss_from_logps(
+                self.config, pc, pr,
+                None if self.ref_chosen is None else self.ref_chosen[sl],
+                None if self.ref_rejected is None else self.ref_rejected[sl],
+                chosen_lengths=None if self.lengths is None else self.lengths[i:i + 1],
+                rejected_lengths=None if self.lengths is None else self.lengths[b + i:b + i + 1],
+            )
+            gc, gr = torch.autograd.grad(out.losses.sum(), (pc, pr))
+        # The loss is the mean over pairs.
+        return gc[0] / b, gr[0] / b
+
+
+def _group_by_pair(labels: Tensor, segment_ids: Tensor, ignore_index: int, num_pairs: int):
+    """Scored token indices ordered by (pair, chosen before rejected), and the offsets of each group.
+
+    offsets[2i] .. offsets[2i+1] are pair i's chosen tokens, offsets[2i+1] .. offsets[2i+2] its rejected.
+    """
+    scored = (labels != ignore_index).nonzero().squeeze(-1)
+    seg = segment_ids[scored]
+    key = (seg % num_pairs) * 2 + (seg >= num_pairs).long()
+    key_sorted, perm = torch.sort(key, stable=True)
+    counts = torch.bincount(key_sorted, minlength=2 * num_pairs)
+    offsets = [0] + torch.cumsum(counts, 0).tolist()  # the one host sync
+    return scored[perm], offsets
+
+
+def _logit_tile(h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
+    # The matmul runs in the input dtype (what a bf16 model's lm_head does), the softmax in float32.
+    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    return z.to(acc)
+
+
+def _softmax_stats_(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Turns the tile z into softmax in place; returns (token log-probs, lse). Keeps a single tile alive."""
+    target = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    m = z.amax(1, keepdim=True)
+    z.sub_(m).exp_()
+    s = z.sum(1, keepdim=True)
+    z.div_(s)
+    lse = (m + s.log()).squeeze(1)
+    return target - lse, lse
+
+
+def _sequence_logps_only(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                         segment_ids: Tensor, ignore_index: int, num_sequences: int, chunk: int,
+                         acc: torch.dtype) -> Tensor:
+    scored = (labels != ignore_index).nonzero().squeeze(-1)
+    out = torch.zeros(num_sequences, dtype=acc, device=hidden.device)
+    for s in range(0, scored.numel(), chunk):
+        rows = scored[s:s + chunk]
+        z = _logit_tile(hidden[rows], weight, bias, acc)
+        tok, _ = _softmax_stats_(z, labels[rows])
+        out.index_add_(0, segment_ids[rows], tok)
+    return out
+
+
+class TorchOnePassLinearDPO(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None) -> (loss, [2B] sequence log-probs).
+
+    The forward finishes the gradients; the backward only scales them by grad_output.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, segment_ids: Tensor,
+                num_sequences: int, ignore_index: int, config: LossConfig, ref_chosen: Tensor | None,
+                ref_rejected: Tensor | None, lengths: Tensor | None, grad_enabled: bool, chunk: int,
+                single_buffer: bool):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        b = num_sequences // 2
+        # needs_input_grad says which inputs require grad even under torch.no_grad, hence grad_enabled.
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        if not (need_h or need_w or need_b):
+            seq = _sequence_logps_only(hidden, weight, bias, labels, segment_ids, ignore_index, num_sequences,
+                                       chunk, acc)
+            loss = _batch_loss(config, seq, b, ref_chosen, ref_rejected, lengths)
+            ctx.mark_non_differentiable(seq)
+            ctx.grads = (None, None, None)
+            return loss, seq
+
+        device = hidden.device
+        order, offsets = _group_by_pair(labels, segment_ids, ignore_index, b)
+        pair_grads = _PairGrads(config, ref_chosen, ref_rejected, lengths, b, acc)
+        w_acc = weight if weight.dtype == acc else None  # a float32 copy of a bf16 weight is avoided
+        dhidden = torch.zeros_like(hidden) if need_h else None
+        dweight = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
+        dbias = torch.zeros(weight.shape[0], dtype=acc, device=device) if need_b else None
+        n_buffers = 0 if not need_w else (1 if single_buffer else 2)
+        scratch = [torch.empty(weight.shape, dtype=acc, device=device) for _ in range(n_buffers)]
+        bias_scratch = torch.zeros(2, weight.shape[0], dtype=acc, device=device) if need_b else None
+        seq = torch.zeros(num_sequences, dtype=acc, device=device)
+        length_normalised = config.loss_type in LENGTH_NORMALISED
+
+        for i in range(b):
+            start, mid, end = offsets[2 * i], offsets[2 * i + 1], offsets[2 * i + 2]
+            n_pair = end - start
+            k = -1.0
+            if single_buffer and length_normalised and mid > start and end > mid:
+                k = -(mid - start) / (end - mid)
+            dh_pair = torch.empty(n_pair, hidden.shape[1], dtype=acc, device=device) if need_h else None
+            fresh = [True] * n_buffers  # the first addmm into a buffer overwrites it (no zeroing pass)
+            if need_b:
+                bias_scratch.zero_()
+            logp = torch.zeros(2, dtype=acc, device=device)
+            for s in range(start, end, chunk):
+                e = min(s + chunk, end)
+                rows = order[s:e]
+                h = hidden[rows]
+                y = labels[rows]
+                z = _logit_tile(h, weight, bias, acc)
+                tok, _ = _softmax_stats_(z, y)
+                n_c = max(0, min(e, mid) - s)  # the first n_c rows of the tile are chosen tokens
+                logp[0] += tok[:n_c].sum()
+                logp[1] += tok[n_c:].sum()
+                d = z.neg_()
+                d[torch.arange(e - s, device=device), y] += 1.0  # D = onehot - softmax
+                if need_h:
+                    dh_pair[s - start:e - start] = d @ w_acc if w_acc is not None else (d.to(weight.dtype) @ weight)
+                if need_w or need_b:
+                    h_acc = h.to(acc)
+                    if single_buffer:
+                        d[n_c:] *= k
+                        parts = [(0, d, h_acc)]
+                    else:
+                        parts = [(0, d[:n_c], h_acc[:n_c]), (1, d[n_c:], h_acc[n_c:])]
+                    for j, dj, hj in parts:
+                        if dj.shape[0] == 0:
+                            continue
+                        if need_w:
+                            if fresh[j]:
+                                torch.mm(dj.T, hj, out=scratch[j])
+                                fresh[j] = False
+                            else:
+                                scratch[j].addmm_(dj.T, hj)
+                        if need_b:
+                            bias_scratch[j] += dj.sum(0)
+                del z, d
+
+            seq[i], seq[b + i] = logp[0], logp[1]
+            g_c, g_r = pair_grads(i, logp[0], logp[1])
+            if need_w:
+                coefs = (g_c,) if single_buffer else (g_c, g_r)
+                for j, g in enumerate(coefs):
+                    if not fresh[j]:
+                        dweight.addcmul_(scratch[j], g.to(acc))
+            if need_b:
+                if single_buffer:
+                    dbias.add_(bias_scratch[0] * g_c.to(acc))
+                else:
+                    dbias.add_(bias_scratch[0] * g_c.to(acc)).add_(bias_scratch[1] * g_r.to(acc))
+            if need_h and n_pair:
+                n_c = mid - start
+                dhidden[order[start:mid]] = (dh_pair[:n_c] * g_c.to(acc)).to(hidden.dtype)
+                dhidden[order[mid:end]] = (dh_pair[n_c:] * g_r.to(acc)).to(hidden.dtype)
+
+        loss = _batch_loss(config, seq, b, ref_chosen, ref_rejected, lengths)
+        ctx.mark_non_differentiable(seq)
+        ctx.grads = (
+            dhidden,
+            None if dweight is None else dweight,
+            None if dbias is None else dbias,
+        )
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss, seq
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor | None):
+        grads = []
+        for g, dtype in zip(ctx.grads, ctx.dtypes):
+            grads.append(None if g is None else (g * grad_loss.to(g.dtype)).to(dtype))
+        ctx.grads = None  # free the stored gradients as soon as they are handed over
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+
+
+def _batch_loss(config: LossConfig, seq: Tensor, b: int, ref_chosen, ref_rejected, lengths) -> Tensor:
+    out = loss_from_logps(
+        config, seq[:b], seq[b:], ref_chosen, ref_rejected,
+        chosen_lengths=None if lengths is None else lengths[:b],
+        rejected_lengths=None if lengths is None else lengths[b:],
+    )
+    return out.loss.detach()
+
+
+def linear_dpo_loss_one_pass(config: LossConfig, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                             labels: Tensor, segment_ids: Tensor, num_sequences: int, ignore_index: int,
+                             ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None,
+                             lengths: Tensor | None, *, chunk: int = DEFAULT_CHUNK_TOKENS,
+                             single_buffer: bool | None = None):
+    """DPO loss of pair-separable losses with the one-pass schedule; returns a `DPOOutput`.
+
+    hidden [N, H]; labels, segment_ids [N] (packed form, ignore_index where not scored); sequences
+    0..B-1 chosen, B..2B-1 rejected. `lengths` [2B] scored-token counts (needed by the length-normalised
+    losses and nll_weight). `single_buffer=None` uses one scratch buffer wherever it applies.
+    """
+    if config.loss_type not in PAIR_SEPARABLE:
+        raise ValueError(f"loss_type={config.loss_type!r} is not pair-separable; the one-pass schedule needs "
+                         f"one of {', '.join(sorted(PAIR_SEPARABLE))}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    b = num_sequences // 2
+    # Validate the pair-level inputs once, up front, with the batch's row numbers in the messages
+    # (the per-pair calls in the loop would otherwise report row 0).
+    zeros = torch.zeros(b, dtype=torch.float32, device=hidden.device)
+    _batch_loss(config, torch.cat([zeros, zeros]), b, ref_chosen_logps, ref_rejected_logps, lengths)
+    if single_buffer is None:
+        single_buffer = single_buffer_applies(config)
+    elif single_buffer and not single_buffer_applies(config):
+        raise ValueError(f"single_buffer=True needs a loss of rho_c - rho_r alone and nll_weight=0, got "
+                         f"loss_type={config.loss_type!r}, nll_weight={config.nll_weight}")
+    loss, seq = TorchOnePassLinearDPO.apply(
+        hidden, weight, bias, labels, segment_ids, num_sequences, ignore_index, config,
+        ref_chosen_logps, ref_rejected_logps, lengths, torch.is_grad_enabled(), chunk, single_buffer,
+    )
+    out = loss_from_logps(
+        config, seq[:b], seq[b:], ref_chosen_logps, ref_rejected_logps,
+        chosen_lengths=None if lengths is None else lengths[:b],
+        rejected_lengths=None if lengths is None else lengths[b:],
+    )
+    return DPOOutput(
+        loss=loss,
+        losses=out.losses.detach(),
+        chosen_logps=seq[:b],
+        rejected_logps=seq[b:],
+        chosen_rewards=out.chosen_rewards,
+        rejected_rewards=out.rejected_rewards,
+    )
