@@ -217,9 +217,9 @@ def test_bad_input_is_named():
 
 
 def test_block_rule():
-    assert triton_logps.default_block_v(123, torch.device("cuda")) == 128
-    assert triton_logps.default_block_v(32003, torch.device("cuda")) == 4096
-    assert triton_logps.default_block_v(1, torch.device("cpu")) == 1
+    assert triton_logps.default_block_v(123) == 128
+    assert triton_logps.default_block_v(32003) == 4096
+    assert triton_logps.default_block_v(1) == 1
 
 
 def test_torch_compile_traces_without_graph_break():
