@@ -41,9 +41,10 @@ identical (no preference left to learn), is dropped (`tokenize_pair` returns Non
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 MAX_REPORTED_EXAMPLES = 5
+# Rows whose texts go to the tokenizer in one call (parallel encoding without holding many texts at once).
+ROWS_PER_CALL = 256
 
 
 @dataclass
@@ -116,7 +119,8 @@ def tokenize_pair(
     max_prompt_length: prompt cap and reserved prompt room; index: stored in the pair and named in errors.
     """
     _check_options(max_length, truncation, max_prompt_length)
-    return _Tokenizer(tokenizer).tokenize(row, index, max_length, truncation, max_prompt_length).pair
+    (outcome,) = _Tokenizer(tokenizer).tokenize_many([(index, row)], max_length, truncation, max_prompt_length)
+    return outcome.pair
 
 
 def tokenize_dataset(
@@ -133,9 +137,13 @@ def tokenize_dataset(
     worker = _Tokenizer(tokenizer)
     pairs: list[TokenizedPair] = []
     stats = TokenizeStats()
-    for index, row in enumerate(dataset):
+    outcomes = (
+        outcome
+        for chunk in _chunks(enumerate(dataset), ROWS_PER_CALL)
+        for outcome in worker.tokenize_many(chunk, max_length, truncation, max_prompt_length)
+    )
+    for index, outcome in enumerate(outcomes):
         stats.rows += 1
-        outcome = worker.tokenize(row, index, max_length, truncation, max_prompt_length)
         stats.boundary_fallbacks += outcome.boundary_fallbacks
         if outcome.pair is None:
             stats.dropped[outcome.drop_reason] += 1
@@ -154,6 +162,12 @@ def tokenize_dataset(
         )
     (logger.warning if stats.num_dropped else logger.info)("tokenized %s", stats.summary())
     return pairs, stats
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _check_options(max_length: int, truncation: str, max_prompt_length: int | None) -> None:
@@ -198,20 +212,47 @@ class _Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def tokenize(
-        self, row: Mapping[str, Any], index: int, max_length: int, truncation: str, max_prompt_length: int | None
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        # One call for many texts: fast tokenizers encode a batch in parallel.
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+    def tokenize_many(
+        self,
+        indexed_rows: Sequence[tuple[int, Mapping[str, Any]]],
+        max_length: int,
+        truncation: str,
+        max_prompt_length: int | None,
+    ) -> list[_Outcome]:
+        rendered = [self._render(row, index) for index, row in indexed_rows]
+        texts = []
+        for prompt_text, completion_texts, _ in rendered:
+            texts += [prompt_text, *(prompt_text + text for text in completion_texts)]
+        encoded = iter(self.encode_many(texts))
+        outcomes = []
+        for (index, _), (_, completion_texts, is_chat) in zip(indexed_rows, rendered):
+            prompt_core, *fulls = (next(encoded) for _ in range(3))
+            outcomes.append(self._assemble(index, prompt_core, fulls, completion_texts, is_chat, max_length,
+                                           truncation, max_prompt_length))
+        return outcomes
+
+    def _assemble(
+        self,
+        index: int,
+        prompt_core: list[int],
+        fulls: list[list[int]],
+        completion_texts: list[str],
+        is_chat: bool,
+        max_length: int,
+        truncation: str,
+        max_prompt_length: int | None,
     ) -> _Outcome:
-        prompt_text, completion_texts, is_chat = self._render(row, index)
         for name, text in zip(("chosen", "rejected"), completion_texts):
             if not text.strip():
                 return _Outcome(None, f"empty {name} completion")
-
-        prompt_core = self.encode(prompt_text)
         prompt_ids = prompt_core if is_chat else self.text_prefix + prompt_core
         completions = []
         fallbacks = 0
-        for text in completion_texts:
-            full = self.encode(prompt_text + text)
+        for text, full in zip(completion_texts, fulls):
             if full[: len(prompt_core)] == prompt_core and len(full) > len(prompt_core):
                 ids = full[len(prompt_core) :]
             else:  # a merge crossed the boundary: keep the prompt's own ids, tokenize the completion alone
