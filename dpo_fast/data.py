@@ -154,6 +154,8 @@ def load_preferences_with_report(
     name, columns, rows = _open_source(source, split)
     rows = iter(rows)
     head = list(itertools.islice(rows, DETECTION_ROWS))
+    if not head:
+        raise ValueError(f"{name}: no rows to read preference pairs from")
     if columns is None:
         columns = list(dict.fromkeys(key for row in head if isinstance(row, Mapping) for key in row))
     fmt = detect_format(columns, head) if format == "auto" else format

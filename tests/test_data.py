@@ -321,6 +321,13 @@ def test_no_usable_rows_is_an_error():
         load_preferences([{"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "a"}])
 
 
+def test_empty_source_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no rows"):
+        load_preferences(path)
+
+
 def test_unsupported_source_type():
     with pytest.raises(TypeError, match="source must be"):
         load_preferences(42)
