@@ -119,3 +119,27 @@ def varlen_cu_seqlens(batch: Batch) -> tuple[Tensor, int]:
     total = torch.tensor([rows * length], device=flat_starts.device)
     cu = torch.cat([flat_starts, total]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def attention_kwargs(batch: Batch, attn_implementation: str | None, dtype: torch.dtype,
+                     device: torch.device | str) -> dict:
+    """The attention keywords a transformers backbone needs for `batch`, by attention implementation.
+
+    "flex_attention": a `BlockMask` (`flex_block_mask`). "flash_attention_*" (and kernels-hub flash
+    variants): no mask, the varlen boundaries `cu_seq_lens_q/k`, `max_length_q/k` of `varlen_cu_seqlens`
+    (transformers then runs the flattened R*L tokens as one varlen batch); "prefix_shared" raises there.
+    Anything else ("eager", "sdpa", None): the additive `attention_mask_4d`. Pass the result with
+    `input_ids` and `position_ids`.
+    """
+    impl = attn_implementation or "eager"
+    if impl == "flex_attention":
+        return {"attention_mask": flex_block_mask(batch, device)}
+    if "flash" in impl:
+        if batch.layout == "prefix_shared":
+            raise ValueError(f"attn_implementation={impl!r} cannot run the 'prefix_shared' layout (its rejected "
+                             "branch skips part of its context); use 'packed', or sdpa/eager/flex_attention")
+        cu, longest = varlen_cu_seqlens(batch)
+        cu = cu.to(device)
+        return {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+                "max_length_k": longest}
+    return {"attention_mask": attention_mask_4d(batch, dtype, device=device)}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .attention import attention_mask_4d
+from .attention import attention_kwargs
 from .layouts import build_batch, check_layout, group_pairs, unit_lengths
 from .pairs import IGNORE_INDEX, TokenizedPair
 from .validation import resolve_backend
@@ -167,8 +167,9 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair | Mapping[str, An
     """Summed log-probs of each pair's chosen and rejected completion given its prompt.
 
     Args:
-        model: a transformers causal LM (`AutoModelForCausalLM`) whose attention takes a 4D float mask
-            (attn_implementation "eager" or "sdpa"); scored as is (call `model.eval()` to drop dropout).
+        model: a transformers causal LM (`AutoModelForCausalLM`); attn_implementation "eager", "sdpa",
+            "flex_attention" or "flash_attention_*" (not with "prefix_shared"), see
+            `dpo_fast.attention.attention_kwargs`. Scored as is: call `model.eval()` to drop dropout.
         tokenizer: tokenizes raw rows, and gives the pad (else EOS) id; None pads with 0.
         pairs: TokenizedPair rows, or raw {"prompt", "chosen", "rejected"} rows tokenized here with
             `dpo_fast.tokenization.tokenize_pair(tokenizer, row, max_length=max_length)` (its truncation rules);
@@ -196,6 +197,7 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair | Mapping[str, An
     backbone = backbone_of(model)
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     pad_id = _pad_id(tokenizer)
+    impl = getattr(model.config, "_attn_implementation", None)
     if max_tokens_per_batch is None:
         largest = max(unit_lengths(pairs, layout)) * (2 if layout != "prefix_shared" else 1)
         max_tokens_per_batch = max(8 * max_length, largest)
@@ -206,9 +208,9 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair | Mapping[str, An
         # Rows no longer than the longest unit or max_length: attention work grows with the row length.
         row_tokens = max(max(unit_lengths(batch_pairs, layout)), max_length)
         batch = build_batch(batch_pairs, layout, pad_id=pad_id, max_tokens_per_row=row_tokens)
-        mask = attention_mask_4d(batch, dtype, device=device)
-        hidden = backbone(input_ids=batch.input_ids.to(device), attention_mask=mask,
-                          position_ids=batch.position_ids.to(device), use_cache=False)
+        attention = attention_kwargs(batch, impl, dtype, device)
+        hidden = backbone(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                          use_cache=False, **attention)
         hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
         segments = batch.segment_ids.reshape(-1).to(device)
         scored = segments >= 0

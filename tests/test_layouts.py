@@ -18,6 +18,7 @@ from helpers import assert_close
 from dpo_fast.attention import (
     _next_same_position,
     allowed_pairs,
+    attention_kwargs,
     attention_mask_4d,
     block_mask_mod,
     flex_block_mask,
@@ -167,6 +168,58 @@ def test_varlen_cu_seqlens_matches_mask(layout):
 def test_varlen_refuses_prefix_shared():
     with pytest.raises(ValueError, match="prefix_shared"):
         varlen_cu_seqlens(build_batch(mixed_pairs(), "prefix_shared", pad_id=0))
+
+
+def test_attention_kwargs_dispatch():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    packed = build_batch(mixed_pairs(8), "packed", pad_id=0, max_tokens_per_row=90)
+    shared = build_batch(mixed_pairs(8), "prefix_shared", pad_id=0, max_tokens_per_row=120)
+    for impl in ("eager", "sdpa", None):
+        got = attention_kwargs(shared, impl, torch.float32, "cpu")
+        assert torch.equal(got["attention_mask"], attention_mask_4d(shared, torch.float32))
+    flex = attention_kwargs(shared, "flex_attention", torch.float32, "cpu")["attention_mask"]
+    rows, length = shared.input_ids.shape
+    assert isinstance(flex, BlockMask) and tuple(flex.shape) == (rows, 1, length, length)
+    flash = attention_kwargs(packed, "flash_attention_2", torch.float32, "cpu")
+    cu, longest = varlen_cu_seqlens(packed)
+    assert flash["attention_mask"] is None and torch.equal(flash["cu_seq_lens_q"], cu)
+    assert flash["cu_seq_lens_k"] is flash["cu_seq_lens_q"]
+    assert flash["max_length_q"] == flash["max_length_k"] == longest
+    with pytest.raises(ValueError, match="flash_attention_2.*prefix_shared"):
+        attention_kwargs(shared, "flash_attention_2", torch.float32, "cpu")
+
+
+def test_varlen_kwargs_reach_the_attention_layers():
+    """The flash path's plumbing on the CPU: a registered varlen attention (named like flash) gets our
+    cu_seq_lens through the transformers backbone; run as block-diagonal sdpa, it must score like the 4D mask."""
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def varlen_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        assert attention_mask is None
+        cu = kwargs["cu_seq_lens_q"]
+        rows, heads, length, dim = query.shape
+        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long()).view(rows, 1, length)
+        cols = torch.arange(length)
+        allowed = (seq.unsqueeze(-1) == seq.unsqueeze(-2)) & (cols.view(-1, 1) >= cols.view(1, -1))
+        calls.append(int(cu[-1]))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("flash_varlen_check", varlen_sdpa)
+    model = tiny_model("llama", "sdpa")
+    pairs = mixed_pairs(12)
+    expected = pair_logps(model, None, pairs, layout="packed", max_length=80, max_tokens_per_batch=260)
+    model.config._attn_implementation = "flash_varlen_check"
+    for layer in model.model.layers:
+        layer.self_attn.config._attn_implementation = "flash_varlen_check"
+    got = pair_logps(model, None, pairs, layout="packed", max_length=80, max_tokens_per_batch=260)
+    assert calls, "the registered attention was not called"
+    assert_close(got[0], expected[0], torch.float32, "chosen")
+    assert_close(got[1], expected[1], torch.float32, "rejected")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -323,8 +376,9 @@ def test_pair_logps_sliding_window_limit():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pair_logps_cuda_all_layouts():
-    model = tiny_model("llama", "sdpa").cuda()
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_pair_logps_cuda_all_layouts(attn):
+    model = tiny_model("llama", attn).cuda()
     pairs = mixed_pairs(13)
     expected = naive_logps(model, pairs)
     for layout in LAYOUTS:
