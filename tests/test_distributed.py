@@ -1,0 +1,91 @@
+"""Data-parallel DPOTrainer: 2 CPU processes on gloo against 1 process with the same global batch.
+
+FSDP2 (config.fsdp=True) is not exercised here: fully_shard needs a device mesh of real devices to
+be meaningful and is left to GPU runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import SPLIT_RTOL, assert_grads_close, grads, make_config, random_pairs, tiny_model  # noqa: E402
+from tiny_tokenizer import make_tokenizer  # noqa: E402
+
+from dpo_fast import checkpoint as ckpt  # noqa: E402
+from dpo_fast.metrics import read_metrics  # noqa: E402
+from dpo_fast.trainer import DPOTrainer  # noqa: E402
+
+NUM_PAIRS = 7  # global batch 4: step 1 has 4 pairs (2 per rank), step 2 has 3 (2 on rank 0, 1 on rank 1)
+
+
+def _two_steps(trainer: DPOTrainer) -> list[dict]:
+    """Gradients and statistics of the first two steps (the optimizer applied in between)."""
+    results = []
+    for step in range(2):
+        stats = trainer.compute_gradients(trainer.step_micro_batches(0, step))
+        results.append({"stats": stats, "grads": grads(trainer.model)})
+        trainer.optimizer_step()
+    return results
+
+
+def _setup(tmp, per_device: int, name: str):
+    tokenizer = make_tokenizer()
+    vocab = len(tokenizer)
+    config = make_config(tmp / name, per_device_train_batch_size=per_device, max_steps=2, save_steps=1,
+                         layout="packed", optim="adamw_torch")
+    return DPOTrainer(tiny_model(vocab, 0), tokenizer, random_pairs(NUM_PAIRS, vocab, seed=21),
+                      ref_model=tiny_model(vocab, 1), config=config)
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    tmp = Path(tmp)
+    try:
+        trainer = _setup(tmp, 2, "manual")
+        assert trainer.world_size == world and trainer.rank == rank
+        torch.save(_two_steps(trainer), tmp / f"rank{rank}.pt")
+        _setup(tmp, 2, "train").train()  # the loop itself: checkpoints with barriers, metrics on rank 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    single = _two_steps(_setup(tmp_path, 4, "single"))
+    for step in range(2):
+        # Every rank holds the global gradient after the all-reduce.
+        assert_grads_close(rank1[step]["grads"], rank0[step]["grads"], 0.0, f"step {step + 1}: rank 1 vs rank 0")
+        assert_grads_close(rank0[step]["grads"], single[step]["grads"], SPLIT_RTOL,
+                           f"step {step + 1}: 2 ranks vs 1 process")
+        for key, value in single[step]["stats"].items():
+            assert rank0[step]["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+    assert single[1]["stats"]["pairs"] == NUM_PAIRS - 4
+
+    out = str(tmp_path / "train" / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2]
+    assert sorted(f for f in os.listdir(os.path.join(out, "checkpoint-2")) if f.startswith("rng_state")) == \
+        ["rng_state_0.pt", "rng_state_1.pt"]
+    assert ckpt.read_trainer_state(os.path.join(out, "checkpoint-2"))["world_size"] == 2
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["loss"] == pytest.approx(single[0]["stats"]["loss"] / 4, rel=1e-5)
