@@ -39,6 +39,23 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _dot_operand(x, DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """x (float32) rounded to nearest in DTYPE, the dtype of the tensor-core dot.
+
+    Under UPCAST_DOT the value stays float32 but is rounded to bfloat16 by hand (round half to even
+    on the bit pattern): the interpreter's own float32 -> bfloat16 cast truncates, which biases every
+    term of a sum the same way, unlike the GPU's conversion.
+    """
+    if UPCAST_DOT:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True)
+    else:
+        out = x.to(DTYPE)
+    return out
+
+
+@triton.jit
 def _logits_tile(
     Hidden,  # [N, H] activations, unit stride along H
     Weight,  # [V, H] lm_head weight (dtype of Hidden), unit stride along H
@@ -171,7 +188,7 @@ def _linear_logps_bwd_hidden(
             coef = tl.where(scored[:, None], coef, 0.0)
             # coef is in [-1, 1] whatever g is: rounded to the 16-bit input dtype for the tensor-core
             # dot it cannot underflow as g * coef could in fp16; g is applied in float32 afterwards.
-            coef = coef.to(Weight.dtype.element_ty)
+            coef = _dot_operand(coef, Weight.dtype.element_ty, UPCAST_DOT)
             weight_rows = Weight + cols[:, None] * stride_weight
             for k in range(0, hidden_size, BLOCK_H):
                 ks = k + offs_h
@@ -231,7 +248,7 @@ def _linear_logps_bwd_weight(
             if COMPUTE_WEIGHT:
                 # The token axis is the reduction here, so g cannot be factored out per row; the tile
                 # is divided by its largest |g| instead, keeping it in [-1, 1] for the 16-bit dot.
-                coef_t = tl.trans((coef / scale).to(Hidden.dtype.element_ty))
+                coef_t = tl.trans(_dot_operand(coef / scale, Hidden.dtype.element_ty, UPCAST_DOT))
                 hidden_rows = Hidden + rows[:, None] * stride_hidden
                 for k in range(0, hidden_size, BLOCK_H):
                     ks = k + offs_h

@@ -72,6 +72,12 @@ def default_v_splits(num_tokens: int, vocab_size: int, blocks: LinearBlocks, dev
     return max(1, min(vocab_tiles, triton.cdiv(2 * _num_sms(device.index or 0), token_tiles)))
 
 
+def dhidden_splits(v_splits: int) -> int:
+    """Vocab splits of the dhidden kernel: they add into the same rows in whatever order they run, so
+    torch's deterministic mode gets one split (bitwise reproducible, fewer programs)."""
+    return 1 if torch.are_deterministic_algorithms_enabled() else v_splits
+
+
 def _split_plan(vocab_size: int, block_v: int, v_splits: int) -> tuple[int, int]:
     """(splits, vocab tiles per split) with no empty split."""
     vocab_tiles = triton.cdiv(vocab_size, block_v)
@@ -146,10 +152,7 @@ def _backward_impl(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | 
     if need_hidden:
         acc = torch.zeros((n, hs), dtype=torch.float32, device=h.device)
         if n > 0:
-            # Several splits add into the same rows in whatever order they run; one split keeps the
-            # result bitwise reproducible, which torch's deterministic mode asks for.
-            splits = 1 if torch.are_deterministic_algorithms_enabled() else v_splits
-            splits, tiles_per_split = _split_plan(v, block_v, splits)
+            splits, tiles_per_split = _split_plan(v, block_v, dhidden_splits(v_splits))
             wrap_triton(_linear_logps_bwd_hidden)[(triton.cdiv(n, block_n), splits)](
                 h, w, b, labels, lse, g, acc, n, v, hs, h.stride(0), w.stride(0), tiles_per_split, **common,
             )
