@@ -26,7 +26,8 @@ class TokenizedPair:
     """One preference pair as token ids.
 
     prompt_ids: the context (all earlier turns, chat template applied), identical for both responses.
-    chosen_ids / rejected_ids: the completion tokens only, each ending with EOS.
+    chosen_ids / rejected_ids: the completion tokens only, each ending with EOS unless it was truncated
+        to fit max_length (a cut completion must not teach the model to stop there).
     index: the row of the source dataset this pair came from (for error messages and reordering).
     """
 
