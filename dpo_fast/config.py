@@ -160,10 +160,6 @@ class DPOConfig:
             raise ValueError(
                 f"max_tokens_per_row={self.max_tokens_per_row} is smaller than max_length={self.max_length}: "
                 "the longest pair would not fit in a row")
-        if self.max_tokens_per_batch and self.max_tokens_per_batch < self.row_capacity and self.layout != "padded":
-            raise ValueError(
-                f"max_tokens_per_batch={self.max_tokens_per_batch} is smaller than one row "
-                f"(max_tokens_per_row={self.row_capacity}): the longest pair might not fit")
         if self.merge_lora and not self.lora_r:
             raise ValueError("merge_lora=True needs LoRA adapters (lora_r > 0)")
         if self.resume_from_checkpoint is True:  # YAML `resume_from_checkpoint: true`

@@ -337,6 +337,14 @@ class DPOTrainer:
         return pairs
 
     def _check_pair_sizes(self, pairs: list[TokenizedPair], name: str) -> None:
+        budget = self.config.max_tokens_per_batch
+        if budget and name == "train_data":
+            from .layouts import pair_cost
+
+            for i, p in enumerate(pairs):
+                if pair_cost(p, self.layout) > budget:
+                    raise ValueError(f"{name}[{i}] (dataset row {p.index}) needs {pair_cost(p, self.layout)} tokens "
+                                     f"in the {self.layout!r} layout, more than max_tokens_per_batch={budget}")
         if self.layout == "padded":
             return
         capacity = self.config.row_capacity

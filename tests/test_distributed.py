@@ -1,7 +1,8 @@
 """Data-parallel DPOTrainer: 2 CPU processes on gloo against 1 process with the same global batch.
 
-FSDP2 (config.fsdp=True) is not exercised here: fully_shard needs a device mesh of real devices to
-be meaningful and is left to GPU runs.
+Both data-parallel modes run in the same two processes (one spawn, it dominates the time): replicated
+parameters with all-reduced gradients, and FSDP2 (`fully_shard`, config.fsdp=True), whose sharded
+gradients are gathered with `full_tensor()` for the comparison.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import SPLIT_RTOL, assert_grads_close, grads, make_config, random_pairs, tiny_model  # noqa: E402
+from test_trainer import SPLIT_RTOL, assert_grads_close, make_config, random_pairs, tiny_model  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import checkpoint as ckpt  # noqa: E402
@@ -26,21 +27,34 @@ from dpo_fast.trainer import DPOTrainer  # noqa: E402
 NUM_PAIRS = 7  # global batch 4: step 1 has 4 pairs (2 per rank), step 2 has 3 (2 on rank 0, 1 on rank 1)
 
 
+def _full_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # a collective under FSDP
+            out[name] = g.detach().clone()
+    return out
+
+
 def _two_steps(trainer: DPOTrainer) -> list[dict]:
-    """Gradients and statistics of the first two steps (the optimizer applied in between)."""
+    """Gradients and statistics of the first two steps (the optimizer applied in between).
+
+    SGD, not Adam: Adam's first step is about lr * sign(g), so round-off-sized differences in near-zero
+    gradient entries would become lr-sized weight differences before step 2.
+    """
     results = []
     for step in range(2):
         stats = trainer.compute_gradients(trainer.step_micro_batches(0, step))
-        results.append({"stats": stats, "grads": grads(trainer.model)})
+        results.append({"stats": stats, "grads": _full_grads(trainer.model)})
         trainer.optimizer_step()
     return results
 
 
-def _setup(tmp, per_device: int, name: str):
+def _setup(tmp, per_device: int, name: str, **kw):
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
     config = make_config(tmp / name, per_device_train_batch_size=per_device, max_steps=2, save_steps=1,
-                         layout="packed", optim="adamw_torch")
+                         layout="packed", optim="sgd", **kw)
     return DPOTrainer(tiny_model(vocab, 0), tokenizer, random_pairs(NUM_PAIRS, vocab, seed=21),
                       ref_model=tiny_model(vocab, 1), config=config)
 
@@ -57,6 +71,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         assert trainer.world_size == world and trainer.rank == rank
         torch.save(_two_steps(trainer), tmp / f"rank{rank}.pt")
         _setup(tmp, 2, "train").train()  # the loop itself: checkpoints with barriers, metrics on rank 0
+        fsdp = _setup(tmp, 2, "fsdp", fsdp=True)
+        torch.save(_two_steps(fsdp), tmp / f"fsdp_rank{rank}.pt")
+        _setup(tmp, 2, "fsdp_train", fsdp=True, precompute_ref=True).train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -70,16 +87,17 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     single = _two_steps(_setup(tmp_path, 4, "single"))
-    for step in range(2):
-        # Every rank holds the global gradient after the all-reduce.
-        assert_grads_close(rank1[step]["grads"], rank0[step]["grads"], 0.0, f"step {step + 1}: rank 1 vs rank 0")
-        assert_grads_close(rank0[step]["grads"], single[step]["grads"], SPLIT_RTOL,
-                           f"step {step + 1}: 2 ranks vs 1 process")
-        for key, value in single[step]["stats"].items():
-            assert rank0[step]["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
     assert single[1]["stats"]["pairs"] == NUM_PAIRS - 4
+    for mode in ("rank", "fsdp_rank"):
+        rank0, rank1 = (torch.load(tmp_path / f"{mode}{r}.pt") for r in range(2))
+        for step in range(2):
+            what = f"{mode[:-5] or 'all-reduce'} step {step + 1}"
+            # Every rank holds the same global gradient.
+            assert_grads_close(rank1[step]["grads"], rank0[step]["grads"], 0.0, f"{what}: rank 1 vs rank 0")
+            assert_grads_close(rank0[step]["grads"], single[step]["grads"], SPLIT_RTOL, f"{what}: 2 ranks vs 1")
+            for key, value in single[step]["stats"].items():
+                assert rank0[step]["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (what, key)
 
     out = str(tmp_path / "train" / "run")
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1, 2]
@@ -89,3 +107,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["loss"] == pytest.approx(single[0]["stats"]["loss"] / 4, rel=1e-5)
+    fsdp_out = tmp_path / "fsdp_train" / "run"
+    assert [r["step"] for r in read_metrics(str(fsdp_out / "metrics.jsonl"))] == [1, 2]
+    assert records[0]["loss"] == pytest.approx(read_metrics(str(fsdp_out / "metrics.jsonl"))[0]["loss"], rel=1e-5)
+    assert os.path.isfile(fsdp_out / "checkpoint-2" / "optimizer_rank1.pt")
+    assert os.path.isfile(fsdp_out / "final" / "model.safetensors")
