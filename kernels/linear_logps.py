@@ -68,7 +68,7 @@ def _logits_tile(
     stride_hidden,  # elements between consecutive rows of Hidden
     stride_weight,  # elements between consecutive rows of Weight
     HAS_BIAS: tl.constexpr,  # add Bias to every row
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee" or "tf32"); unused for 16-bit
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee" or "tf32"); None for 16-bit
     UPCAST_DOT: tl.constexpr,  # widen the dot operands to float32 (interpreter with bfloat16, see _dot)
     BLOCK_N: tl.constexpr,  # tokens per tile (>= 16 for tl.dot)
     BLOCK_V: tl.constexpr,  # vocab entries per tile (>= 16)

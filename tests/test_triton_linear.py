@@ -151,6 +151,27 @@ def test_every_token_ignored_gives_zeros_and_zero_grads():
         assert bool((p.grad == 0).all())
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_overflowing_ignored_rows_do_not_poison_the_gradients():
+    """Padding rows may hold anything finite: logits that overflow to inf there must not leak NaN."""
+    hidden, weight, bias, labels, grad = _inputs(20, 16, 77, torch.float32, seed=4)
+    labels[3] = IGNORE
+    huge = hidden.clone()
+    huge[3] = 1e38  # its logits overflow to +-inf, its log-sum-exp to inf or NaN
+    params = [t.to(DEVICE).requires_grad_(True) for t in (huge, weight, bias)]
+    out = triton_linear.linear_token_logps(params[0], params[1], labels.to(DEVICE), bias=params[2],
+                                           blocks=LinearBlocks(16, 32, 16))
+    out.backward(grad.to(DEVICE))
+    # Row 3 is not scored, so it must not matter: the same as with an ordinary row there.
+    clean = [t.to(DEVICE).requires_grad_(True) for t in (hidden, weight, bias)]
+    expected = triton_linear.linear_token_logps(clean[0], clean[1], labels.to(DEVICE), bias=clean[2],
+                                                blocks=LinearBlocks(16, 32, 16))
+    expected.backward(grad.to(DEVICE))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for got, exp in zip(params, clean):
+        torch.testing.assert_close(got.grad, exp.grad, rtol=0, atol=0)
+
+
 def test_ignore_index_that_is_a_vocab_id():
     # ignore_index = 0 (a pad id): tokens labelled 0 are not scored even though 0 is a real column.
     hidden, weight, bias, labels, grad = _inputs(9, 16, 50, torch.float32, seed=6)

@@ -89,11 +89,12 @@ def _launch_options(device: torch.device) -> dict:
     return {"num_warps": CUDA_NUM_WARPS, "num_stages": CUDA_NUM_STAGES} if device.type == "cuda" else {}
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting: TF32 tensor cores only where the user allowed them.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot's input_precision: fp32 inputs follow torch's own matmul setting (TF32 tensor cores only
+    where the user allowed them); 16-bit inputs keep Triton's default, the matmul tutorials' path."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
