@@ -29,21 +29,28 @@ int64_t dense_capacity_limit(size_t num_items) {
   return std::min<int64_t>(int64_t{1} << 20, 4 * static_cast<int64_t>(num_items) + (int64_t{1} << 16));
 }
 
-// Item indexes sorted by (-length, index).
-std::vector<Index> decreasing_order(const std::vector<int64_t>& lengths, int64_t capacity) {
+// Items sorted by (-length, index), with their lengths in that order: the packing loops read the lengths
+// sequentially instead of through the permutation (a cache miss per item on a million items).
+void sort_decreasing(const std::vector<int64_t>& lengths, int64_t capacity, std::vector<Index>& order,
+                     std::vector<int64_t>& sorted_lengths) {
   const size_t n = lengths.size();
-  std::vector<Index> order(n);
+  order.resize(n);
+  sorted_lengths.resize(n);
   if (capacity <= dense_capacity_limit(n)) {
     // Counting sort on the key capacity - length: O(n + capacity) and stable in the index.
     std::vector<Index> start(static_cast<size_t>(capacity) + 2, 0);
     for (int64_t len : lengths) ++start[static_cast<size_t>(capacity - len) + 1];
     for (size_t k = 1; k < start.size(); ++k) start[k] += start[k - 1];
+    for (size_t key = 0; key <= static_cast<size_t>(capacity); ++key) {
+      std::fill(sorted_lengths.begin() + start[key], sorted_lengths.begin() + start[key + 1],
+                capacity - static_cast<int64_t>(key));
+    }
     for (size_t i = 0; i < n; ++i) order[start[static_cast<size_t>(capacity - lengths[i])]++] = static_cast<Index>(i);
   } else {
     std::iota(order.begin(), order.end(), Index{0});
     std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return lengths[a] > lengths[b]; });
+    for (size_t k = 0; k < n; ++k) sorted_lengths[k] = lengths[order[k]];
   }
-  return order;
 }
 
 // Hierarchical 64-ary bitset: set/clear and "smallest set bit >= i" in O(log_64 size).
@@ -106,19 +113,21 @@ class NextSetBit {
 
 struct Assignment {
   std::vector<Index> order;    // items in the order they were placed
+  std::vector<int64_t> sorted_lengths;  // their lengths, in that order
   std::vector<Index> bin_of;   // bin_of[k]: bin of the k-th placed item
   std::vector<int64_t> loads;  // tokens per bin, bins in creation order
 };
 
 // Best fit: the bin with the smallest remaining capacity >= length; among equals, the lowest bin id.
 // Dense path: one min-heap of bin ids per remaining-capacity value plus a bitset of non-empty values.
-void best_fit_dense(const std::vector<int64_t>& lengths, int64_t capacity, Assignment& a) {
-  const int64_t min_length = a.order.empty() ? 0 : lengths[a.order.back()];
+void best_fit_dense(int64_t capacity, Assignment& a) {
+  const auto& lengths = a.sorted_lengths;
+  const int64_t min_length = lengths.empty() ? 0 : lengths.back();
   std::vector<std::vector<Index>> heaps(static_cast<size_t>(capacity) + 1);
   NextSetBit nonempty(static_cast<size_t>(capacity) + 1);
   const auto greater = std::greater<Index>();
   for (size_t k = 0; k < a.order.size(); ++k) {
-    const int64_t len = lengths[a.order[k]];
+    const int64_t len = lengths[k];
     const int64_t r = nonempty.next(static_cast<size_t>(len));
     Index bin;
     int64_t left;
@@ -148,11 +157,12 @@ void best_fit_dense(const std::vector<int64_t>& lengths, int64_t capacity, Assig
 }
 
 // Same choice as best_fit_dense, with an ordered set of (remaining, bin id) for large capacities.
-void best_fit_sparse(const std::vector<int64_t>& lengths, int64_t capacity, Assignment& a) {
-  const int64_t min_length = a.order.empty() ? 0 : lengths[a.order.back()];
+void best_fit_sparse(int64_t capacity, Assignment& a) {
+  const auto& lengths = a.sorted_lengths;
+  const int64_t min_length = lengths.empty() ? 0 : lengths.back();
   std::set<std::pair<int64_t, Index>> open;
   for (size_t k = 0; k < a.order.size(); ++k) {
-    const int64_t len = lengths[a.order[k]];
+    const int64_t len = lengths[k];
     auto it = open.lower_bound({len, std::numeric_limits<Index>::min()});
     Index bin;
     int64_t left;
@@ -172,19 +182,29 @@ void best_fit_sparse(const std::vector<int64_t>& lengths, int64_t capacity, Assi
 }
 
 // First fit: the lowest bin id with remaining capacity >= length, via a max segment tree over bins.
-void first_fit(const std::vector<int64_t>& lengths, int64_t capacity, Assignment& a) {
-  size_t size = 1;
-  while (size < a.order.size()) size <<= 1;
-  std::vector<int64_t> tree(2 * size, -1);  // -1: no bin there yet (a zero-length item fits any real bin)
-  for (size_t k = 0; k < a.order.size(); ++k) {
-    const int64_t len = lengths[a.order[k]];
+// The tree doubles when the bins outgrow it, so its depth follows the number of bins, not of items, and
+// Room is int32 when the capacity allows: both keep the tree in cache.
+template <typename Room>
+void first_fit(int64_t capacity, Assignment& a) {
+  const auto& lengths = a.sorted_lengths;
+  size_t size = 1024;
+  std::vector<Room> tree(2 * size, Room{-1});  // -1: no bin there yet (a zero-length item fits any real bin)
+  for (size_t k = 0; k < lengths.size(); ++k) {
+    const Room len = static_cast<Room>(lengths[k]);
     size_t node;
     Index bin;
     if (tree[1] < len) {
       bin = static_cast<Index>(a.loads.size());
       a.loads.push_back(0);
+      if (static_cast<size_t>(bin) == size) {
+        std::vector<Room> grown(4 * size, Room{-1});
+        std::copy(tree.begin() + size, tree.end(), grown.begin() + 2 * size);
+        size *= 2;
+        for (size_t i = size - 1; i >= 1; --i) grown[i] = std::max(grown[2 * i], grown[2 * i + 1]);
+        tree.swap(grown);
+      }
       node = size + static_cast<size_t>(bin);
-      tree[node] = capacity - len;
+      tree[node] = static_cast<Room>(capacity) - len;
     } else {
       node = 1;
       while (node < size) {
@@ -197,7 +217,7 @@ void first_fit(const std::vector<int64_t>& lengths, int64_t capacity, Assignment
     a.loads[bin] += len;
     a.bin_of[k] = bin;
     for (node >>= 1; node >= 1; node >>= 1) {
-      const int64_t best = std::max(tree[2 * node], tree[2 * node + 1]);
+      const Room best = std::max(tree[2 * node], tree[2 * node + 1]);
       if (tree[node] == best) break;
       tree[node] = best;
     }
@@ -244,6 +264,20 @@ std::vector<Index> bin_order(const std::vector<int64_t>& loads, int64_t world_si
   return out;
 }
 
+// Pauses Python's cyclic garbage collector for its lifetime, restoring the previous state.
+class GcPause {
+ public:
+  GcPause() : was_enabled_(PyGC_Disable()) {}
+  ~GcPause() {
+    if (was_enabled_) PyGC_Enable();
+  }
+  GcPause(const GcPause&) = delete;
+  GcPause& operator=(const GcPause&) = delete;
+
+ private:
+  int was_enabled_;
+};
+
 void check_lengths(const std::vector<int64_t>& lengths, int64_t capacity) {
   for (size_t i = 0; i < lengths.size(); ++i) {
     const int64_t len = lengths[i];
@@ -275,14 +309,18 @@ py::list pack_lengths(const std::vector<int64_t>& lengths, int64_t capacity, con
   std::vector<Index> members;
   {
     py::gil_scoped_release release;
-    a.order = decreasing_order(lengths, capacity);
+    sort_decreasing(lengths, capacity, a.order, a.sorted_lengths);
     a.bin_of.resize(a.order.size());
     if (algorithm == "ffd") {
-      first_fit(lengths, capacity, a);
+      if (capacity <= std::numeric_limits<int32_t>::max()) {
+        first_fit<int32_t>(capacity, a);
+      } else {
+        first_fit<int64_t>(capacity, a);
+      }
     } else if (capacity <= dense_capacity_limit(lengths.size())) {
-      best_fit_dense(lengths, capacity, a);
+      best_fit_dense(capacity, a);
     } else {
-      best_fit_sparse(lengths, capacity, a);
+      best_fit_sparse(capacity, a);
     }
     const size_t num_bins = a.loads.size();
     offsets.assign(num_bins + 1, 0);
@@ -295,6 +333,9 @@ py::list pack_lengths(const std::vector<int64_t>& lengths, int64_t capacity, con
   }
 
   // Raw C API: building ~10^6 Python ints is the largest cost left, and py::list.append would double it.
+  // The cyclic GC is paused meanwhile: the new lists hold only ints, so there is no cycle to find, and
+  // every 700 new lists would otherwise trigger a collection that walks the whole heap now and then.
+  const GcPause no_gc;
   PyObject* result = PyList_New(static_cast<Py_ssize_t>(output_bins.size()));
   if (result == nullptr) throw py::error_already_set();
   py::list out = py::reinterpret_steal<py::list>(result);

@@ -38,6 +38,7 @@ the choice, and the `backend=` keyword of `pack` overrides both.
 from __future__ import annotations
 
 import functools
+import gc
 import operator
 import os
 from bisect import bisect_left, insort
@@ -184,11 +185,18 @@ def pack(
 
 def _pack_python(lengths: list[int], capacity: int, algorithm: str, world_size: int, shuffle: bool,
                  seed: int) -> list[list[int]]:
-    # list.sort is stable, also with reverse=True: equal lengths keep increasing index.
-    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    place = _first_fit if algorithm == "ffd" else _best_fit
-    bins, loads = place(lengths, order, capacity)
-    return [bins[b] for b in _bin_order(loads, world_size, shuffle, seed)]
+    # As in the C++ side, the cyclic GC is paused while the bins (lists of ints, no cycles) are built.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        # list.sort is stable, also with reverse=True: equal lengths keep increasing index.
+        order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+        place = _first_fit if algorithm == "ffd" else _best_fit
+        bins, loads = place(lengths, order, capacity)
+        return [bins[b] for b in _bin_order(loads, world_size, shuffle, seed)]
+    finally:
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _best_fit(lengths: list[int], order: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
