@@ -28,6 +28,11 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions():
+    """The C++ packer, when its source and pybind11 are there (pybind11 is a build requirement).
+
+    No ninja: the extension is a single translation unit, so neither ninja nor pybind11's ParallelCompile
+    would run anything in parallel; plain setuptools compiles it in about ten seconds.
+    """
     here = os.path.dirname(os.path.abspath(__file__))
     source = os.path.join("csrc", "packing.cpp")
     if not os.path.exists(os.path.join(here, source)):
@@ -37,6 +42,7 @@ def extensions():
     except ImportError:
         print("dpo_fast: pybind11 missing; the pure-Python packer will be used", file=sys.stderr)
         return []
+    # -O3 is GCC/Clang spelling; MSVC ignores it with a warning and uses its own release flags.
     return [Pybind11Extension("dpo_fast._packing_cpp", [source], cxx_std=17, extra_compile_args=["-O3"])]
 
 
