@@ -27,6 +27,15 @@ from dpo_fast.trainer import DPOTrainer  # noqa: E402
 NUM_PAIRS = 7  # global batch 4: step 1 has 4 pairs (2 per rank), step 2 has 3 (2 on rank 0, 1 on rank 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and spin when the cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _full_grads(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():

@@ -41,6 +41,15 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and spin when the cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -255,7 +264,9 @@ def test_train_logs_trl_metrics_chart_and_exports(tmp_path, tokenizer):
         assert set(TRL_METRICS) <= set(r), set(TRL_METRICS) - set(r)
         assert math.isclose(r["rewards/margins"], r["rewards/chosen"] - r["rewards/rejected"], abs_tol=1e-9)
     # Memorising 8 pairs for 8 steps: the loss falls below log 2 and the chosen responses win.
-    assert train_records[-1]["loss"] < train_records[0]["loss"] < math.log(2) + 1e-6
+    # (The first window starts at log 2: the policy is its own reference at step 1.)
+    assert train_records[-1]["loss"] < math.log(2) - 0.05
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
     assert train_records[-1]["rewards/accuracies"] > 0.5
     assert "eval/loss" in records[-1]
     with open(out / "metrics.png", "rb") as f:
