@@ -104,49 +104,58 @@ def _check(hidden, weight, bias, labels, grad, dtype, **op_kwargs):
         h64, w64 = ref[0].detach().abs(), ref[1].detach().abs()
         # A coef below fp16's smallest normal rounds to a multiple of 2^-24 (times g, or times the
         # tile's largest |g| for dweight), whatever its own size.
-        dh_sub = tol["sub"] * gscale[:, None] * w64.sum(0)
-        dw_sub = tol["sub"] * gscale.max() * h64.sum(0)
+        # The chunked schedule divides g * coef by a power of two up to twice the largest |g| instead.
+        chunked = op_kwargs.get("schedule") == "chunked"
+        dh_sub = tol["sub"] * (2 * gscale.max() if chunked else gscale[:, None]) * w64.sum(0)
+        dw_sub = tol["sub"] * 2 * gscale.max() * h64.sum(0)
+    # The chunked schedule rounds g * coef to the input dtype once for both products and the bias sum,
+    # and (bf16) each chunk's dweight product once more before adding it in float32.
+    dw_roundings = 2 if chunked and dtype == torch.bfloat16 else 1
     for name, p, r, terms, sub in (("dhidden", params[0], ref[0], gcoef @ w64, dh_sub),
-                                   ("dweight", params[1], ref[1], gcoef.T @ h64, dw_sub)):
+                                   ("dweight", params[1], ref[1], dw_roundings * (gcoef.T @ h64), dw_sub)):
         assert p.grad.dtype == p.dtype
         # The output's own rounding: out_eps relative, or a subnormal ulp for tiny fp16 results.
         tol_out = tol["out_eps"] * r.grad.abs() + tol["sub"]
         _assert_within(name, p.grad, r.grad, tol["dot_eps"] * terms + sub + tol_out)
     if bias is not None:
-        db_tol = 16 * EPS32 * gcoef.sum(0) + tol["out_eps"] * ref[2].grad.abs() + tol["sub"]
+        db_eps = tol["dot_eps"] if chunked else 16 * EPS32
+        db_tol = db_eps * gcoef.sum(0) + tol["out_eps"] * ref[2].grad.abs() + tol["sub"] * (1 + gscale.sum())
         _assert_within("dbias", params[2].grad, ref[2].grad, db_tol)
     return params
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# (N, H, V, bias, blocks, v_splits): small tiles so that small shapes still run several token tiles
-# (one of them all ignored), several vocab tiles with a ragged last one, ragged H steps and several
-# vocab splits; None = the defaults of the device.
+# (N, H, V, bias, blocks, v_splits, schedule, chunk_tokens): small tiles so that small shapes still run
+# several token tiles (one of them all ignored), several vocab tiles with a ragged last one, ragged H
+# steps, several vocab splits, several chunks with a ragged last one; None = the device's defaults.
 CASES = [
-    (47, 40, 1000, True, LinearBlocks(16, 64, 16), 3),
-    (47, 40, 1000, False, LinearBlocks(16, 128, 32), 1),
-    (1, 16, 123, True, None, None),
-    (47, 16, 123, False, None, None),
+    (47, 40, 1000, True, LinearBlocks(16, 64, 16), 3, "tiles", None),
+    (47, 40, 1000, False, LinearBlocks(16, 128, 32), 1, "chunked", 20),
+    (1, 16, 123, True, None, None, "tiles", None),
+    (47, 16, 123, False, None, None, "tiles", None),
+    (47, 16, 123, True, None, None, "chunked", 16),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,h,v,bias,blocks,v_splits", CASES)
-def test_forward_and_grads(n, h, v, bias, blocks, v_splits, dtype):
+@pytest.mark.parametrize("n,h,v,bias,blocks,v_splits,schedule,chunk_tokens", CASES)
+def test_forward_and_grads(n, h, v, bias, blocks, v_splits, schedule, chunk_tokens, dtype):
     tensors = _inputs(n, h, v, dtype, bias=bias, seed=n + h + v, ignore_rows=range(16, min(n, 32)))
-    _check(*tensors, dtype, blocks=blocks, v_splits=v_splits)
+    _check(*tensors, dtype, blocks=blocks, v_splits=v_splits, schedule=schedule, chunk_tokens=chunk_tokens)
 
 
 def test_large_ragged_vocab():
-    # 32003 = 31 full 1024-wide tiles and a 259-wide ragged one under the interpreter's defaults.
-    _check(*_inputs(3, 16, 32003, torch.float32, seed=3), torch.float32)
+    # 32003 = 7 full 4096-wide tiles and a 3331-wide ragged one.
+    _check(*_inputs(3, 16, 32003, torch.float32, seed=3), torch.float32, blocks=LinearBlocks(16, 4096, 16))
 
 
-def test_every_token_ignored_gives_zeros_and_zero_grads():
+@pytest.mark.parametrize("schedule", ["tiles", "chunked"])
+def test_every_token_ignored_gives_zeros_and_zero_grads(schedule):
     hidden, weight, bias, labels, grad = _inputs(20, 16, 77, torch.float32, seed=5)
     labels[:] = IGNORE
-    params = _check(hidden, weight, bias, labels, grad, torch.float32, blocks=LinearBlocks(16, 32, 16))
+    params = _check(hidden, weight, bias, labels, grad, torch.float32, blocks=LinearBlocks(16, 32, 16),
+                    schedule=schedule)
     for p in params:
         assert bool((p.grad == 0).all())
 
@@ -244,6 +253,9 @@ def test_deterministic_mode_uses_one_vocab_split():
         (lambda h, w, b, lab: (h, w, lab, {"blocks": LinearBlocks(8, 32, 16)}), ValueError,
          "blocks.block_n must be a power of two >= 16"),
         (lambda h, w, b, lab: (h, w, lab, {"v_splits": 0}), ValueError, "v_splits must be >= 1"),
+        (lambda h, w, b, lab: (h, w, lab, {"schedule": "fused"}), ValueError, "schedule='fused' is not known"),
+        (lambda h, w, b, lab: (h, w, lab, {"schedule": "chunked", "chunk_tokens": 0}), ValueError,
+         "chunk_tokens must be >= 1"),
     ],
 )
 def test_bad_input(make, exc, match):

@@ -25,7 +25,12 @@ import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from dpo_fast.kernels.linear_logps import _linear_logps_bwd_hidden, _linear_logps_bwd_weight, _linear_logps_fwd
+from dpo_fast.kernels.linear_logps import (
+    _linear_logps_bwd_dlogits,
+    _linear_logps_bwd_hidden,
+    _linear_logps_bwd_weight,
+    _linear_logps_fwd,
+)
 
 _COMPILED = isinstance(_linear_logps_fwd, triton.runtime.jit.JITFunction)
 
@@ -110,7 +115,9 @@ def _kernel_operand(t: Tensor) -> Tensor:
 
 
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
-                  block_n: int, block_v: int, block_h: int, v_splits: int) -> tuple[Tensor, Tensor]:
+                  block_n: int, block_v: int, block_h: int, v_splits: int,
+                  chunk_tokens: int) -> tuple[Tensor, Tensor]:
+    """(logps, lse). chunk_tokens only travels to the backward (0: the all-tl.dot schedule)."""
     h, w = _kernel_operand(hidden), _kernel_operand(weight)
     labels = labels.contiguous()
     n, v = h.shape[0], w.shape[0]
@@ -137,41 +144,84 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
 
 def _backward_impl(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                    lse: Tensor, ignore_index: int, need_hidden: bool, need_weight: bool, need_bias: bool,
-                   block_n: int, block_v: int, block_h: int, v_splits: int) -> tuple[Tensor, Tensor, Tensor]:
+                   block_n: int, block_v: int, block_h: int, v_splits: int,
+                   chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
     h, w = _kernel_operand(hidden), _kernel_operand(weight)
     labels = labels.contiguous()
-    n, v, hs = h.shape[0], w.shape[0], h.shape[1]
     # The kernels read g == 0 as "not scored" (and skip all-zero tiles); [N] is small, so this is free.
     g = torch.where(labels != ignore_index, grad.float(), 0.0).contiguous()
     common = dict(HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(h.dtype),
                   UPCAST_DOT=_upcast_dot(h.dtype), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
                   **_launch_options(h.device))
     b = w if bias is None else bias
-
+    run = _backward_chunked if chunk_tokens > 0 else _backward_tiles
+    acc_h, acc_w, acc_b = run(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias, common,
+                              v_splits=v_splits, chunk_tokens=chunk_tokens)
     # Gradients not asked for come back as distinct empty tensors (op outputs may not alias).
-    dhidden = h.new_empty(0)
+    return (
+        acc_h.to(hidden.dtype) if need_hidden else hidden.new_empty(0),
+        acc_w.to(weight.dtype) if need_weight else hidden.new_empty(0),
+        acc_b.to(bias.dtype) if need_bias else hidden.new_empty(0),
+    )
+
+
+def _backward_tiles(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias, common, *, v_splits,
+                    chunk_tokens):
+    """All tl.dot: float32 accumulators for dhidden [N, H], dweight [V, H] and dbias [V]."""
+    n, v, hs = h.shape[0], w.shape[0], h.shape[1]
+    block_n, block_v = common["BLOCK_N"], common["BLOCK_V"]
+    acc_h = acc_w = acc_b = None
     if need_hidden:
-        acc = torch.zeros((n, hs), dtype=torch.float32, device=h.device)
+        acc_h = torch.zeros((n, hs), dtype=torch.float32, device=h.device)
         if n > 0:
             splits, tiles_per_split = _split_plan(v, block_v, dhidden_splits(v_splits))
             wrap_triton(_linear_logps_bwd_hidden)[(triton.cdiv(n, block_n), splits)](
-                h, w, b, labels, lse, g, acc, n, v, hs, h.stride(0), w.stride(0), tiles_per_split, **common,
+                h, w, b, labels, lse, g, acc_h, n, v, hs, h.stride(0), w.stride(0), tiles_per_split, **common,
             )
-        dhidden = acc.to(hidden.dtype)
-
-    dweight, dbias = h.new_empty(0), h.new_empty(0)
     if need_weight or need_bias:
-        acc_w = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if need_weight else g
-        acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else g
+        acc_w = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if need_weight else None
+        acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
         wrap_triton(_linear_logps_bwd_weight)[(triton.cdiv(v, block_v),)](
-            h, w, b, labels, lse, g, acc_w, acc_b, n, v, hs, h.stride(0), w.stride(0),
-            COMPUTE_WEIGHT=need_weight, COMPUTE_BIAS=need_bias, **common,
+            h, w, b, labels, lse, g, g if acc_w is None else acc_w, g if acc_b is None else acc_b,
+            n, v, hs, h.stride(0), w.stride(0), COMPUTE_WEIGHT=need_weight, COMPUTE_BIAS=need_bias, **common,
         )
+    return acc_h, acc_w, acc_b
+
+
+def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias, common, *, v_splits,
+                      chunk_tokens):
+    """A Triton kernel writes `g * (onehot - softmax)` for `chunk_tokens` tokens at a time, in the input
+    dtype and divided by a power of two bounding the chunk's |g|; cuBLAS does the two products.
+
+    dhidden's chunk is one matmul into its rows (float32 accumulation inside cuBLAS). dweight adds one
+    matmul per chunk into a float32 buffer, each rounded to the input dtype first: a second rounding of
+    at most half an ulp per chunk, the price of tensor-core products. fp16 runs that product in float32,
+    since a chunk's sum over tokens of |hidden| can pass fp16's 65504.
+    """
+    n, v, hs = h.shape[0], w.shape[0], h.shape[1]
+    block_n, block_v = common["BLOCK_N"], common["BLOCK_V"]
+    acc_h = torch.empty((n, hs), dtype=h.dtype, device=h.device) if need_hidden else None
+    acc_w = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if need_weight else None
+    acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
+    dlogits = torch.empty((min(chunk_tokens, n), v), dtype=h.dtype, device=h.device)
+    product_dtype = torch.float32 if h.dtype == torch.float16 else h.dtype
+    for s in range(0, n, chunk_tokens):
+        e = min(s + chunk_tokens, n)
+        d = dlogits[: e - s]
+        # 2^ceil(log2 max|g|): dividing and multiplying by it are exact, and |d| <= 1 (no fp16 underflow).
+        bound = g[s:e].abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.exp2(torch.ceil(torch.log2(bound))).reshape(1)
+        wrap_triton(_linear_logps_bwd_dlogits)[(triton.cdiv(e - s, block_n), triton.cdiv(v, block_v))](
+            h[s:e], w, b, labels[s:e], lse[s:e], g[s:e], scale, d, e - s, v, hs, h.stride(0), w.stride(0), **common,
+        )
+        if need_hidden:
+            # The rescale in float32: exact, where scale itself may not exist in fp16.
+            acc_h[s:e] = torch.mm(d, w).float().mul_(scale)
         if need_weight:
-            dweight = acc_w.to(weight.dtype)
+            acc_w.add_(torch.mm(d.T.to(product_dtype), h[s:e].to(product_dtype)).float().mul_(scale))
         if need_bias:
-            dbias = acc_b.to(bias.dtype)
-    return dhidden, dweight, dbias
+            acc_b.add_(d.sum(dim=0, dtype=torch.float32).mul_(scale))
+    return acc_h, acc_w, acc_b
 
 
 if _COMPILED:
@@ -182,13 +232,13 @@ else:
     _bwd_op = custom_op("dpo_fast::linear_token_logps_bwd", mutates_args=())(_backward_impl)
 
     @_fwd_op.register_fake
-    def _(hidden, weight, bias, labels, ignore_index, block_n, block_v, block_h, v_splits):
+    def _(hidden, weight, bias, labels, ignore_index, block_n, block_v, block_h, v_splits, chunk_tokens):
         n = hidden.shape[0]
         return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
     @_bwd_op.register_fake
     def _(grad, hidden, weight, bias, labels, lse, ignore_index, need_hidden, need_weight, need_bias,
-          block_n, block_v, block_h, v_splits):
+          block_n, block_v, block_h, v_splits, chunk_tokens):
         return (
             torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
@@ -197,23 +247,22 @@ else:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, bias, labels, ignore_index, block_n, block_v, block_h, v_splits = inputs
+    hidden, weight, bias, labels, *config = inputs
     _, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
-    ctx.config = (ignore_index, block_n, block_v, block_h, v_splits)
+    ctx.config = config  # ignore_index, block_n, block_v, block_h, v_splits, chunk_tokens
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_logps: Tensor | None, grad_lse: Tensor | None):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grads = [None] * 9
+    grads = [None] * 10
     if grad_logps is None or not (need_hidden or need_weight or need_bias):
         return tuple(grads)
-    ignore_index, block_n, block_v, block_h, v_splits = ctx.config
+    ignore_index, *tiling = ctx.config
     dhidden, dweight, dbias = _bwd_op(grad_logps, hidden, weight, bias, labels, lse, ignore_index,
-                                      need_hidden, need_weight, need_bias and bias is not None,
-                                      block_n, block_v, block_h, v_splits)
+                                      need_hidden, need_weight, need_bias and bias is not None, *tiling)
     grads[0] = dhidden if need_hidden else None
     grads[1] = dweight if need_weight else None
     grads[2] = dbias if need_bias and bias is not None else None
@@ -253,9 +302,17 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
             raise ValueError(f"blocks.{field} must be a power of two >= 16 (tl.dot's smallest tile), got {size}")
 
 
+SCHEDULES = ("tiles", "chunked")
+
+
+def default_chunk_tokens(vocab_size: int, itemsize: int, block_n: int) -> int:
+    """Tokens per chunk of the "chunked" backward: a [chunk, V] buffer of at most 256 MiB."""
+    return max(block_n, (2**28 // (vocab_size * itemsize)) // block_n * block_n)
+
+
 def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                       ignore_index: int = -100, blocks: LinearBlocks | None = None,
-                       v_splits: int | None = None) -> Tensor:
+                       ignore_index: int = -100, schedule: str = "tiles", blocks: LinearBlocks | None = None,
+                       v_splits: int | None = None, chunk_tokens: int | None = None) -> Tensor:
     """Token log-probs of a linear head, differentiable in hidden, weight and bias.
 
     Args:
@@ -266,7 +323,12 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
             not checked here (the public API does it): a label outside [0, V) gives NaN.
         blocks: tile shape (`LinearBlocks`); None picks `default_blocks`. Tests set small tiles to run
             the multi-tile paths on small shapes.
+        schedule: the backward. "tiles": all in tl.dot, memory bounded by a tile (8·N·H·V flops for
+            forward and backward). "chunked": Triton writes `g * (onehot - softmax)` for `chunk_tokens`
+            tokens at a time and cuBLAS does the two products (6·N·H·V flops, a [chunk, V] buffer);
+            which is faster depends on the GPU (see benchmarks).
         v_splits: vocab splits of the token-tile kernels; None picks `default_v_splits`.
+        chunk_tokens: tokens per chunk of the "chunked" schedule; None picks `default_chunk_tokens`.
     Returns:
         [N] float32 `log_softmax(hidden @ weight.T + bias)[n, labels[n]]`, 0 where ignored.
     """
@@ -276,6 +338,14 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         v_splits = default_v_splits(hidden.shape[0], weight.shape[0], blocks, hidden.device)
     elif v_splits < 1:
         raise ValueError(f"v_splits must be >= 1, got {v_splits}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not known; expected one of {', '.join(SCHEDULES)}")
+    if schedule == "tiles":
+        chunk_tokens = 0
+    elif chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.element_size(), blocks.block_n)
+    elif chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     logps, _ = _fwd_op(hidden, weight, bias, labels.to(torch.int64), int(ignore_index), *map(int, blocks),
-                       int(v_splits))
+                       int(v_splits), int(chunk_tokens))
     return logps
