@@ -95,7 +95,8 @@ def _free_port() -> int:
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imported modules (spawn would re-import torch and transformers in each).
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     single = _two_steps(_setup(tmp_path, 4, "single"))
     assert single[1]["stats"]["pairs"] == NUM_PAIRS - 4
     for mode in ("rank", "fsdp_rank"):
