@@ -331,7 +331,10 @@ def wilson_interval(successes: float, n: int, *, confidence: float = 0.95) -> In
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Interval(max(0.0, center - half), min(1.0, center + half))
+    # At 0 or n successes an end is exactly 0 or 1; the formula leaves round-off there.
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return Interval(low, high)
 
 
 def bootstrap_means(values: Tensor, *, n_bootstrap: int, seed: int) -> Tensor:
