@@ -49,6 +49,10 @@ def fsync_tree(root: str) -> None:
         _fsync_path(dirpath)
 
 
+# mkstemp creates files readable by their owner only; published files get the usual rw-r--r--.
+FILE_MODE = 0o644
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory and os.replace."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -59,6 +63,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -74,6 +79,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     try:
         torch.save(obj, tmp)
         _fsync_path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

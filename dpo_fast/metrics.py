@@ -104,6 +104,7 @@ def plot_metrics(history: list[dict[str, Any]], path: str) -> str | None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=100)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temporary name only
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -88,6 +88,18 @@ def _model_base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if _is_peft_model(model) else model
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing, non-reentrant (works with frozen inputs, LoRA and no_grad reference passes)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
+                         f"(a transformers PreTrainedModel); got {type(model).__name__}")
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """A cheap content hash of a model's weights: names, shapes, dtypes, float64 sums and a strided sample.
 
@@ -256,9 +268,7 @@ class DPOTrainer:
             model = self._add_lora(model)
         model.to(self.device)
         if config.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable()")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(model)
         if config.bf16 and self.device.type != "cuda":
             warnings.warn("bf16=True is ignored on the CPU (autocast is used on CUDA only)", stacklevel=2)
         self.model = model
@@ -492,8 +502,14 @@ class DPOTrainer:
             os.makedirs(self.config.output_dir, exist_ok=True)
         if self.config.resume_from_checkpoint:
             self._resume(ckpt.resolve_resume_path(self.config.resume_from_checkpoint, self.config.output_dir))
-        elif self.rank == 0 and os.path.exists(os.path.join(self.config.output_dir, METRICS_FILE)):
-            os.unlink(os.path.join(self.config.output_dir, METRICS_FILE))  # overwrite_output_dir
+        elif self.rank == 0:
+            # overwrite_output_dir: the old run's metrics and checkpoints go, so that a later
+            # resume_from_checkpoint='latest' cannot pick up a checkpoint of the other run.
+            metrics_path = os.path.join(self.config.output_dir, METRICS_FILE)
+            if os.path.exists(metrics_path):
+                os.unlink(metrics_path)
+            for _, stale in ckpt.list_checkpoints(self.config.output_dir):
+                shutil.rmtree(stale)
         self.metrics = MetricsLogger(self.config.output_dir, enabled=self.rank == 0,
                                      tensorboard=self.config.report_to_tensorboard)
         self._barrier()

@@ -276,6 +276,40 @@ def test_train_logs_trl_metrics_chart_and_exports(tmp_path, tokenizer):
         assert torch.equal(v, trainer.model.state_dict()[k]), k
 
 
+def test_metrics_logger_writes_jsonl_tensorboard_and_chart(tmp_path, monkeypatch):
+    import dpo_fast.metrics as metrics
+
+    scalars = []
+
+    class FakeWriter:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setattr(metrics, "_tensorboard_writer", lambda log_dir: FakeWriter())
+    logger = metrics.MetricsLogger(str(tmp_path))
+    logger.log(1, {"loss": 0.7, "rewards/accuracies": 0.5, "rewards/margins": torch.tensor(0.25)})
+    logger.log(2, {"loss": float("nan"), "rewards/accuracies": 1.0, "rewards/margins": 0.5})
+    logger.close()
+    assert read_metrics(str(tmp_path / "metrics.jsonl")) == [
+        {"step": 1, "loss": 0.7, "rewards/accuracies": 0.5, "rewards/margins": 0.25},
+        {"step": 2, "loss": "nan", "rewards/accuracies": 1.0, "rewards/margins": 0.5},
+    ]
+    assert ("loss", 0.7, 1) in scalars and ("rewards/margins", 0.5, 2) in scalars and scalars[-1] == "closed"
+    assert metrics.plot_metrics(logger.history, str(tmp_path / "chart.png")) == str(tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics.plot_metrics([], str(tmp_path / "none.png")) is None
+    # Other ranks keep the history but write nothing.
+    quiet = metrics.MetricsLogger(str(tmp_path / "rank1"), enabled=False)
+    quiet.log(1, {"loss": 0.1})
+    assert quiet.history and not (tmp_path / "rank1").exists()
+
+
 def test_lr_schedules_follow_their_formulas():
     total, warmup = 10, 2
     for kind in ("cosine", "linear", "constant"):
