@@ -4,10 +4,13 @@
 `log_softmax(hidden @ weight.T + bias)[n, labels[n]]`, 0 where the label is `ignore_index`: the contract
 of `torch_logps.TorchLinearTokenLogps`, without the [N, V] logits ever existing. Each kernel rebuilds
 the logits one tile at a time (see `dpo_fast/kernels/linear_logps.py`); the forward keeps only the
-per-token log-sum-exp. Flops: 2·N·H·V forward, 8·N·H·V backward (the logits are rebuilt once for the
-hidden gradient and once for the weight gradient). Memory beyond inputs and gradients: a few [N]
-vectors, plus float32 accumulators for the gradients of 16-bit hidden/weight ([N, H] and [V, H],
-the same float32 [V, H] buffer the torch path keeps).
+per-token log-sum-exp. Two backward schedules:
+- "tiles" (default): all in tl.dot, the logits rebuilt once for the hidden gradient and once for the
+  weight gradient: 2·N·H·V forward + 8·N·H·V backward flops, transient memory one tile per program.
+- "chunked": a kernel writes `g * (onehot - softmax)` for a chunk of tokens and cuBLAS does the two
+  products: 6·N·H·V backward flops (4 of them in cuBLAS) and a [chunk, V] buffer (<= 256 MiB).
+Either way, memory beyond inputs and gradients is a few [N] vectors plus float32 accumulators for the
+gradients of 16-bit hidden/weight ([N, H] and [V, H], the float32 [V, H] buffer the torch path keeps).
 
 The kernel launches are torch custom ops (`dpo_fast::linear_token_logps_fwd` / `_bwd`) with their
 autograd formula, so `torch.compile` traces them without a graph break: `triton_op` + `wrap_triton`
@@ -43,7 +46,7 @@ class LinearBlocks(NamedTuple):
     block_h: int  # hidden features per tl.dot step
 
 
-# H100 (untuned, no GPU was at hand when this was written): a [64, 128] float32 logits tile is 64
+# H100 (untuned, no GPU was at hand when this was written): a [64, 128] float32 logits tile is 32
 # registers per thread over 8 warps, leaving room for the 16-bit operand tiles of a BLOCK_H = 64 step
 # and for two pipeline stages; 128-wide vocab tiles put a 256k vocabulary in 2k tiles.
 CUDA_BLOCKS = LinearBlocks(block_n=64, block_v=128, block_h=64)
@@ -74,7 +77,8 @@ def default_v_splits(num_tokens: int, vocab_size: int, blocks: LinearBlocks, dev
         return 1
     token_tiles = triton.cdiv(max(num_tokens, 1), blocks.block_n)
     vocab_tiles = triton.cdiv(vocab_size, blocks.block_v)
-    return max(1, min(vocab_tiles, triton.cdiv(2 * _num_sms(device.index or 0), token_tiles)))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(vocab_tiles, triton.cdiv(2 * _num_sms(index), token_tiles)))
 
 
 def dhidden_splits(v_splits: int) -> int:
@@ -205,6 +209,7 @@ def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bi
     acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
     dlogits = torch.empty((min(chunk_tokens, n), v), dtype=h.dtype, device=h.device)
     product_dtype = torch.float32 if h.dtype == torch.float16 else h.dtype
+    piece_rows = max(1, PRODUCT_PIECE_ELEMENTS // hs)
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
         d = dlogits[: e - s]
@@ -218,7 +223,11 @@ def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bi
             # The rescale in float32: exact, where scale itself may not exist in fp16.
             acc_h[s:e] = torch.mm(d, w).float().mul_(scale)
         if need_weight:
-            acc_w.add_(torch.mm(d.T.to(product_dtype), h[s:e].to(product_dtype)).float().mul_(scale))
+            h_chunk = h[s:e].to(product_dtype)
+            # In row pieces of the vocabulary: the product's temporaries stay small (not [V, H] twice).
+            for r in range(0, v, piece_rows):
+                part = torch.mm(d[:, r:r + piece_rows].T.to(product_dtype), h_chunk)
+                acc_w[r:r + piece_rows].add_(part.float().mul_(scale))
         if need_bias:
             acc_b.add_(d.sum(dim=0, dtype=torch.float32).mul_(scale))
     return acc_h, acc_w, acc_b
@@ -303,6 +312,8 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
 
 
 SCHEDULES = ("tiles", "chunked")
+# Elements of dweight per cuBLAS product of the chunked schedule: 64 MiB of float32 temporaries.
+PRODUCT_PIECE_ELEMENTS = 2**24
 
 
 def default_chunk_tokens(vocab_size: int, itemsize: int, block_n: int) -> int:
@@ -323,10 +334,10 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
             not checked here (the public API does it): a label outside [0, V) gives NaN.
         blocks: tile shape (`LinearBlocks`); None picks `default_blocks`. Tests set small tiles to run
             the multi-tile paths on small shapes.
-        schedule: the backward. "tiles": all in tl.dot, memory bounded by a tile (8·N·H·V flops for
-            forward and backward). "chunked": Triton writes `g * (onehot - softmax)` for `chunk_tokens`
-            tokens at a time and cuBLAS does the two products (6·N·H·V flops, a [chunk, V] buffer);
-            which is faster depends on the GPU (see benchmarks).
+        schedule: the backward. "tiles": all in tl.dot, memory bounded by a tile (8·N·H·V flops).
+            "chunked": Triton writes `g * (onehot - softmax)` for `chunk_tokens` tokens at a time and
+            cuBLAS does the two products (6·N·H·V flops, a [chunk, V] buffer in the input dtype).
+            Which is faster on a given GPU is for a benchmark to say; neither has been timed yet.
         v_splits: vocab splits of the token-tile kernels; None picks `default_v_splits`.
         chunk_tokens: tokens per chunk of the "chunked" schedule; None picks `default_chunk_tokens`.
     Returns:
