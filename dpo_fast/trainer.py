@@ -50,7 +50,8 @@ from .functional import linear_dpo_loss
 from .layouts import build_batch, unit_lengths
 from .losses import DPOOutput, loss_from_logps
 from .metrics import CHART_FILE, METRICS_FILE, MetricsLogger, plot_metrics
-from .pairs import IGNORE_INDEX, Batch, TokenizedPair
+from .pairs import Batch, TokenizedPair
+from .scoring import _check_lengths as check_sequence_lengths
 from .scoring import backbone_of, head_token_logps, output_head, pair_logps
 
 logger = logging.getLogger(__name__)
@@ -171,15 +172,18 @@ class _ModelOutputs(nn.Module):
         base = _model_base(self.model)
         head = output_head(base)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        # The head's matmul runs in the head's dtype; [N, H] hidden states are small next to [N, V] logits.
-        hidden = hidden.to(head.weight.dtype)
-        labels = labels.reshape(-1)
+        # Only scored positions go through the head: prompt and padding rows would cost 2·H·V flops each
+        # for nothing. The gather's backward scatters the gradient back into the [R*L, H] hidden states.
         segments = segment_ids.reshape(-1)
-        labels = torch.where(segments >= 0, labels, IGNORE_INDEX)
+        scored = (segments >= 0).nonzero().squeeze(-1)
+        segments = segments[scored]
+        labels = labels.reshape(-1)[scored]
+        # The head's matmul runs in the head's dtype; [N, H] hidden states are small next to [N, V] logits.
+        hidden = hidden[scored].to(head.weight.dtype)
         if reference:
             tok = head_token_logps(hidden, head, labels, backend=self.config.backend)
             sums = torch.zeros(2 * num_pairs, dtype=torch.float32, device=hidden.device)
-            return sums.index_add_(0, segments.clamp(min=0), torch.where(segments >= 0, tok, 0.0))
+            return sums.index_add_(0, segments, tok)
         lc = self.config.loss_config
         if head.softcap is None:
             weight, bias = head.weight, head.bias
@@ -193,10 +197,9 @@ class _ModelOutputs(nn.Module):
         else:
             # A softcapped head is not linear: score it tile by tile through `head_token_logps`.
             tok = head_token_logps(hidden, head, labels, backend=self.config.backend)
-            scored = (segments >= 0).to(tok.dtype)
-            slot = segments.clamp(min=0)
-            sums = torch.zeros(2 * num_pairs, dtype=tok.dtype, device=tok.device).index_add(0, slot, tok * scored)
-            lengths = torch.zeros(2 * num_pairs, dtype=tok.dtype, device=tok.device).index_add(0, slot, scored)
+            sums = torch.zeros(2 * num_pairs, dtype=tok.dtype, device=tok.device).index_add(0, segments, tok)
+            lengths = torch.zeros(2 * num_pairs, dtype=tok.dtype, device=tok.device).index_add(
+                0, segments, torch.ones_like(tok))
             out = loss_from_logps(lc, sums[:num_pairs], sums[num_pairs:], ref_chosen, ref_rejected,
                                   chosen_lengths=lengths[:num_pairs], rejected_lengths=lengths[num_pairs:])
         return (out.loss, out.losses, out.chosen_logps, out.rejected_logps, out.chosen_rewards,
@@ -263,6 +266,10 @@ class DPOTrainer:
         self._check_pair_sizes(self.train_pairs, "train_data")
         if self.eval_pairs:
             self._check_pair_sizes(self.eval_pairs, "eval_data")
+        # max_length, the model's positions and a sliding window (our masks do not apply windows).
+        check_sequence_lengths(self.train_pairs, model, config.max_length)
+        if self.eval_pairs:
+            check_sequence_lengths(self.eval_pairs, model, config.max_length)
 
         if config.lora_r > 0:
             model = self._add_lora(model)
@@ -272,7 +279,6 @@ class DPOTrainer:
         if config.bf16 and self.device.type != "cuda":
             warnings.warn("bf16=True is ignored on the CPU (autocast is used on CUDA only)", stacklevel=2)
         self.model = model
-        self._initial_fingerprint: str | None = None
         self.ref_model = None
         if ref_model is not None:
             ref_model.to(self.device)
@@ -434,7 +440,7 @@ class DPOTrainer:
             with adapter_off, torch.no_grad():
                 chosen, rejected = pair_logps(
                     _model_base(model), self.tokenizer, [pairs[i] for i in mine], layout=self.layout,
-                    max_length=max(self.config.max_length, max(self._longest(pairs[i]) for i in mine)),
+                    max_length=self.config.max_length,
                     max_tokens_per_batch=self.config.row_capacity * self.config.per_device_train_batch_size,
                     backend=self.config.backend)
             model.train(was_training)
@@ -448,10 +454,6 @@ class DPOTrainer:
             logger.info("reference log-probs for %s cached in %s", split, path)
         self._barrier()
         return values
-
-    @staticmethod
-    def _longest(pair: TokenizedPair) -> int:
-        return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
     def _build_optimizer(self) -> None:
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -135,6 +135,23 @@ def test_gradients_match_float64_oracle(tmp_path, tokenizer, layout):
     assert stats["rewards/accuracies"] / 5 == acc
 
 
+def test_softcapped_head_matches_float64_oracle(tmp_path, tokenizer):
+    """Gemma 2's head is not linear (tanh softcap): the trainer scores it tile by tile instead."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=128,
+                          sliding_window=64, final_logit_softcapping=2.0, attn_implementation="eager")
+    model = Gemma2ForCausalLM(config)
+    pairs = random_pairs(3, vocab, seed=14)
+    expected, _ = oracle_gradients(model, None, pairs, loss_type="simpo", beta=2.0)
+    trainer = DPOTrainer(model, tokenizer, pairs, config=make_config(tmp_path, loss_type="simpo", beta=2.0))
+    trainer.compute_gradients([[0, 1], [2]])
+    assert_grads_close(grads(trainer.model), expected, ORACLE_RTOL, "gemma2 softcapped head vs float64 oracle")
+
+
 def test_accumulation_and_layouts_give_the_same_update(tmp_path, tokenizer):
     """4 x 1, 1 x 4, 2 x 2 micro-batches, padded / packed / prefix_shared: one gradient (mean over the 4 pairs)."""
     vocab = len(tokenizer)
