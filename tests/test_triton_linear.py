@@ -102,12 +102,13 @@ def _check(hidden, weight, bias, labels, grad, dtype, **op_kwargs):
         gcoef = ((onehot - probs) * (grad.double() * scored)[:, None]).abs()
         gscale = (grad.double() * scored).abs()
         h64, w64 = ref[0].detach().abs(), ref[1].detach().abs()
-        # A coef below fp16's smallest normal rounds to a multiple of 2^-24 (times g, or times the
-        # tile's largest |g| for dweight), whatever its own size.
-        # The chunked schedule divides g * coef by a power of two up to twice the largest |g| instead.
+        # A dot operand below fp16's smallest normal rounds to a multiple of 2^-24 times its scale,
+        # whatever its own size. The scale: g itself (tiles, dhidden), the tile's largest |g| (tiles,
+        # dweight), or a power of two below twice the chunk's largest |g| (chunked, every product).
         chunked = op_kwargs.get("schedule") == "chunked"
-        dh_sub = tol["sub"] * (2 * gscale.max() if chunked else gscale[:, None]) * w64.sum(0)
-        dw_sub = tol["sub"] * 2 * gscale.max() * h64.sum(0)
+        chunk_scale = 2 * gscale.max()
+        dh_sub = tol["sub"] * (chunk_scale if chunked else gscale[:, None]) * w64.sum(0)
+        dw_sub = tol["sub"] * (chunk_scale if chunked else gscale.max()) * h64.sum(0)
     # The chunked schedule rounds g * coef to the input dtype once for both products and the bias sum,
     # and (bf16) each chunk's dweight product once more before adding it in float32.
     dw_roundings = 2 if chunked and dtype == torch.bfloat16 else 1
@@ -118,8 +119,10 @@ def _check(hidden, weight, bias, labels, grad, dtype, **op_kwargs):
         tol_out = tol["out_eps"] * r.grad.abs() + tol["sub"]
         _assert_within(name, p.grad, r.grad, tol["dot_eps"] * terms + sub + tol_out)
     if bias is not None:
+        # Tiles sum float32 terms; chunked sums the rounded [chunk, V] buffer (scaled as above).
         db_eps = tol["dot_eps"] if chunked else 16 * EPS32
-        db_tol = db_eps * gcoef.sum(0) + tol["out_eps"] * ref[2].grad.abs() + tol["sub"] * (1 + gscale.sum())
+        db_sub = tol["sub"] * chunk_scale * len(labels) if chunked else 0.0
+        db_tol = db_eps * gcoef.sum(0) + db_sub + tol["out_eps"] * ref[2].grad.abs() + tol["sub"]
         _assert_within("dbias", params[2].grad, ref[2].grad, db_tol)
     return params
 
