@@ -495,6 +495,20 @@ def test_lora_without_peft_names_the_extra(tmp_path, tokenizer, monkeypatch):
                    config=make_config(tmp_path, lora_r=4))
 
 
+def test_lora_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
+    pytest.importorskip("peft")
+    pairs = random_pairs(6, len(tokenizer), seed=15)
+    lora = dict(lora_r=2, learning_rate=1e-2, max_steps=3, save_steps=1)
+    full = _run(tmp_path / "full", tokenizer, pairs, **lora)
+    _run(tmp_path / "resumed", tokenizer, pairs, crash_at_step=3, **lora)
+    resumed = _run(tmp_path / "resumed", tokenizer, pairs, resume_from_checkpoint="latest", **lora)
+    want = read_metrics(str(tmp_path / "full" / "run" / "metrics.jsonl"))
+    got = read_metrics(str(tmp_path / "resumed" / "run" / "metrics.jsonl"))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_lora_trains_only_the_adapter_and_uses_the_base_as_reference(tmp_path, tokenizer):
     pytest.importorskip("peft")
     vocab = len(tokenizer)
