@@ -256,6 +256,8 @@ class DPOTrainer:
         check_output_dir(config)
         self.tokenizer = tokenizer
         self._init_distributed()
+        # Every rank checks output_dir before rank 0 writes anything into it.
+        self._barrier()
         set_seed(config.seed)
         self.layout = self._choose_layout(model)
 
@@ -299,6 +301,7 @@ class DPOTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.metrics: MetricsLogger | None = None
+        self.last_lr = 0.0
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -677,6 +680,7 @@ class DPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged as "lr")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -742,7 +746,7 @@ class DPOTrainer:
             out["kl"] = window["kl_num"] / window["kl_den"]
         out.update({
             "grad_norm": window["grad_norm"] / steps,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.last_lr,
             "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
             "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
             "pairs_per_s": window["pairs"] / max(elapsed, 1e-9),

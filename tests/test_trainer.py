@@ -277,6 +277,9 @@ def test_train_logs_trl_metrics_chart_and_exports(tmp_path, tokenizer):
     records = read_metrics(str(out / "metrics.jsonl"))
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    # Logged lr = the rate of the window's last step k: warmup 2 steps, then linear decay 1 - (k - 3) / 6.
+    assert [r["lr"] for r in train_records] == pytest.approx([5e-3 * f for f in (1.0, 5 / 6, 3 / 6, 1 / 6)],
+                                                             abs=1e-12)
     for r in train_records:
         assert set(TRL_METRICS) <= set(r), set(TRL_METRICS) - set(r)
         assert math.isclose(r["rewards/margins"], r["rewards/chosen"] - r["rewards/rejected"], abs_tol=1e-9)
