@@ -193,3 +193,25 @@ def test_command_rejects_a_bad_training_flag(capsys):
     with pytest.raises(SystemExit):
         sweep_cmd.main(["--demo", "--beta", "0.1", "--learning-rate", "fast"])
     assert "learning_rate must be float" in capsys.readouterr().err
+
+
+def test_command_on_files_holds_out_a_fraction(tmp_path, setup, capsys):
+    from dpo_fast import tasks
+
+    model_dir = tmp_path / "model"
+    setup.model.save_pretrained(model_dir)
+    setup.tokenizer.save_pretrained(model_dir)
+    rows = tasks.make_preference_rows(tasks.make_prompts(12, 1, seed=5).train, seed=1)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows))
+    (tmp_path / "train.yaml").write_text("learning_rate: 1e-3\nmax_steps: 1\nbeta: 7.0\n")
+    out = tmp_path / "sweep"
+    status = sweep_cmd.main(["--model", str(model_dir), "--data", str(data), "--beta", "0.1,0.5", "--output-dir",
+                             str(out), "--eval-fraction", "0.25", "--config", str(tmp_path / "train.yaml"),
+                             "--max-length", "32", "--per-device-train-batch-size", "4", "--max-new-tokens", "6"])
+    assert status == 0, capsys.readouterr().err
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["eval_pairs"] == 3 and [r["beta"] for r in summary["results"]] == [0.1, 0.5]
+    state = json.loads((out / "beta_0.5" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert state["step"] == 1  # max_steps from the YAML file; its beta is the sweep's, not 7.0
+    assert summary["recommended_beta"] in (0.1, 0.5)

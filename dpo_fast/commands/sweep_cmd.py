@@ -95,6 +95,11 @@ def _overrides(args: argparse.Namespace) -> dict:
             raise _Usage(f"--config {args.config!r} must hold a mapping of DPOConfig fields")
         for name in _SWEEP_FIELDS:
             values.pop(name, None)
+        unknown = sorted(set(values) - set(DPOConfig.field_names()))
+        if unknown:
+            raise _Usage(f"--config {args.config!r}: unknown DPOConfig field(s) {', '.join(map(str, unknown))}")
+        # YAML reads 5e-7 as a string: each value is brought to its field's type, as `dpo-fast train` does.
+        values = {name: coerce_field(name, value, source=f"--config {args.config!r}") for name, value in values.items()}
     values.update({n: getattr(args, n) for n in DPOConfig.field_names() if n not in _SWEEP_FIELDS and hasattr(args, n)})
     return values
 

@@ -9,6 +9,7 @@ import sys
 from ..synth import PAIRINGS
 
 DEMO = "demo"
+ENCODINGS = ("text", "task")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="Longest response in tokens (default 64).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling and of best_vs_random.")
     parser.add_argument("--batch-size", type=int, default=16, help="Sequences per generate call (default 16).")
+    parser.add_argument("--encoding", default=None, choices=ENCODINGS,
+                        help="How prompts become token ids: 'text' (the tokenizer's own special tokens, as "
+                             "tokenize_pair does) or 'task' (the demo task's BOS + characters, for a saved demo "
+                             f"model). Default: 'task' with --model {DEMO}, else 'text'.")
     parser.add_argument("--sft-steps", type=int, default=None,
                         help=f"With --model {DEMO}: SFT steps of the demo model (default: the demo's).")
 
@@ -67,19 +72,21 @@ def _check(args: argparse.Namespace) -> str | None:
 def _load(args: argparse.Namespace):
     from ..synth import TaskCodec, TextCodec
 
+    encoding = getattr(args, "encoding", None) or ("task" if args.model == DEMO else "text")
+    codec_class = TaskCodec if encoding == "task" else TextCodec
     if args.model == DEMO:
         from ..demo import DemoSettings
         from ..sweep import demo_setup
 
         settings = DemoSettings() if args.sft_steps is None else DemoSettings(sft_steps=args.sft_steps)
         setup = demo_setup(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
-        return setup.model, setup.tokenizer, TaskCodec(setup.tokenizer)
+        return setup.model, setup.tokenizer, codec_class(setup.tokenizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = os.path.expanduser(args.model)
     model = AutoModelForCausalLM.from_pretrained(name).eval()
     tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer or args.model))
-    return model, tokenizer, TextCodec(tokenizer)
+    return model, tokenizer, codec_class(tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:
