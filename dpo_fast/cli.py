@@ -114,11 +114,15 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def _load_model(parser: argparse.ArgumentParser, flag: str, name: str, args: argparse.Namespace):
     import torch
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if args.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, args.dtype)
+        # transformers renamed torch_dtype to dtype in 4.56; an unknown keyword would be silently ignored.
+        key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        kwargs[key] = getattr(torch, args.dtype)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     try:

@@ -117,7 +117,9 @@ def weights_fingerprint(model: nn.Module) -> str:
             flat = t.detach().reshape(-1)
             stride = max(1, flat.numel() // 4096)
             h.update(flat[::stride].float().cpu().numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
+            # float64 sum chunk by chunk: a float64 copy of a whole embedding matrix would be gigabytes.
+            total = sum(float(chunk.double().sum()) for chunk in flat.split(1 << 22))
+            h.update(repr(total).encode())
     return h.hexdigest()
 
 

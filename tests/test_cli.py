@@ -121,7 +121,7 @@ def test_train_end_to_end(tmp_path, model_dir, data_file, capsys):
     code = cli.main(["train", "--model", model_dir, "--data", data_file, "--output-dir", str(out),
                      "--max-steps", "2", "--per-device-train-batch-size", "3", "--logging-steps", "1",
                      "--layout", "prefix_shared", "--max-length", "48", "--learning-rate", "1e-3",
-                     "--no-report-to-tensorboard", "--save-steps", "1"])
+                     "--no-report-to-tensorboard", "--save-steps", "1", "--dtype", "float32"])
     assert code == 0
     assert "done: 2 steps" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
