@@ -164,8 +164,6 @@ def test_accumulation_and_layouts_give_the_same_update(tmp_path, tokenizer):
                              gradient_accumulation_steps=acc)
         trainer = DPOTrainer(copy.deepcopy(base), tokenizer, pairs, ref_model=tiny_model(vocab, 1), config=config)
         micro = trainer.step_micro_batches(0, 0)
-        assert sorted(i for m in micro for i in m) == sorted(trainer.step_micro_batches(0, 0)[0]
-                                                             if acc == 1 else [i for m in micro for i in m])
         assert len(micro) == acc and all(len(m) == pd for m in micro)
         trainer.compute_gradients(micro)
         results[(layout, pd, acc)] = (sorted(i for m in micro for i in m), grads(trainer.model))
