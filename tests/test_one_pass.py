@@ -135,7 +135,7 @@ def _check_against_reference(out, inputs, reference_inputs, ref_c, ref_r, kwargs
     for name in ("loss", "losses", "chosen_logps", "rejected_logps"):
         _allclose(name, getattr(out, name), getattr(want, name), forward_dtype)
     # A reward is beta * (logp - ref_logp): the log-probs' rounding error survives the cancellation.
-    logp_scale = kwargs["beta"] * float(torch.cat([want.chosen_logps, want.rejected_logps]).abs().max())
+    logp_scale = kwargs["beta"] * float(torch.cat([want.chosen_logps, want.rejected_logps]).detach().abs().max())
     for name in ("chosen_rewards", "rejected_rewards"):
         _allclose(name, getattr(out, name), getattr(want, name), forward_dtype, scale=logp_scale)
     for name, g in (("dhidden", h64.grad), ("dweight", w64.grad), ("dbias", b64.grad)):
@@ -269,3 +269,24 @@ def test_hook_declines_batch_coupled_losses(loss_type):
 
 def test_hook_declines_other_backends():
     assert _hook("sigmoid", "triton") is None
+
+
+def test_hook_picks_one_pass_for_long_pairs_and_matches_reference():
+    per_seq = ops.ONE_PASS_MIN_TOKENS_PER_PAIR // 2 + 9  # scored tokens per pair above the threshold
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(13, "sigmoid", torch.float64, b=2, t=per_seq + 5,
+                                                               fully_masked_row=False)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    config = LossConfig(**kwargs)
+    flat = _FlatHidden(leaves[0], labels, None, IGNORE, weight.shape[0])
+    assert int((flat.labels != IGNORE).sum()) >= ops.ONE_PASS_MIN_TOKENS_PER_PAIR * 2
+    out = ops.linear_dpo_loss_one_pass(config, flat, leaves[1], leaves[2], ref_c, ref_r, backend="torch")
+    assert out is not None
+    _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float64)
+
+
+def test_hook_leaves_short_pairs_to_the_recompute_schedule():
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(14, "sigmoid", torch.float64, b=2, t=9)
+    flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
+    assert int((flat.labels != IGNORE).sum()) < ops.ONE_PASS_MIN_TOKENS_PER_PAIR * 2
+    assert ops.linear_dpo_loss_one_pass(LossConfig(**kwargs), flat, weight, bias, ref_c, ref_r,
+                                        backend="torch") is None
