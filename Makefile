@@ -15,7 +15,10 @@ ifneq ($(HAS_CUDA),1)
 export TRITON_INTERPRET ?= 1
 endif
 
-.PHONY: env test lint demo bench bench-loss bench-pack clean
+PROFILE    ?= long
+STEPS      ?= 8
+
+.PHONY: env test lint demo bench bench-loss bench-pack bench-e2e clean
 
 env: $(STAMP)
 
@@ -36,13 +39,17 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dpo-fast demo
 
-bench: bench-loss
+bench: bench-loss bench-pack bench-e2e
 
 bench-loss: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
 
 bench-pack: $(STAMP)
 	$(PY) benchmarks/bench_packing.py
+
+# End-to-end training throughput against TRL: `make bench-e2e PROFILE=short STEPS=8`.
+bench-e2e: $(STAMP)
+	$(PY) benchmarks/bench_e2e.py --profile $(PROFILE) --steps $(STEPS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info dpo_fast/_packing_cpp*.so
