@@ -221,10 +221,15 @@ def run_mode(mode: str, impls: dict[str, Callable[[], None]], device: torch.devi
             rec.status, rec.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         gc.collect()
     print(f"[{mode}] timing {len(runnable)} implementations x {args.repeats} repeats", flush=True)
-    times = common.interleaved_times(runnable, device, warmup=max(0, args.warmup - 1), repeats=args.repeats)
+    cpu_times: dict[str, list[float]] = {}
+    times = common.interleaved_times(runnable, device, warmup=max(0, args.warmup - 1), repeats=args.repeats,
+                                     cpu_times=cpu_times if device.type == "cpu" else None)
     for name, ts in times.items():
         records[name].times_ms = [round(t, 2) for t in ts]
         records[name].median_ms = round(common.median(ts), 2)
+        if name in cpu_times:
+            records[name].extra["cpu_times_ms"] = [round(t, 2) for t in cpu_times[name]]
+            records[name].extra["median_cpu_ms"] = round(common.median(cpu_times[name]), 2)
     if not args.no_memory:
         for name, fn in runnable.items():
             peak, how = common.peak_extra_bytes(fn, device)
@@ -348,7 +353,9 @@ def main(argv=None) -> int:
                   dtype=args.dtype, prompt_frac=args.prompt_frac, beta=args.beta, loss_type="sigmoid",
                   repeats=args.repeats, warmup=args.warmup)
     notes = [
-        "median ms: forward + backward, median of the repeats (implementations interleaved within each repeat).",
+        "median ms: forward + backward wall time, median of the repeats (implementations interleaved within each "
+        "repeat); median CPU ms: the process CPU time of the same runs (CPU only: on a shared machine the wall "
+        "time also counts waiting for the cores).",
         "peak extra MB: peak allocation during one forward + backward beyond the inputs (gradients included).",
         f"roofline: linear = 6*N*H*V flops at the measured matmul rate, fused = 3*N*V*{elem} bytes at the "
         "measured copy bandwidth; roofline_fraction (in the JSON) = roofline / median.",

@@ -55,18 +55,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    """Milliseconds of one call, device work included."""
+def time_once(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one call, device work included in the wall time."""
     synchronize(device)
-    start = time.perf_counter()
+    cpu0, start = time.process_time(), time.perf_counter()
     fn()
     synchronize(device)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu0) * 1e3
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int,
-                      repeats: int) -> dict[str, list[float]]:
-    """Times of `repeats` calls of each function, the functions alternating within each repeat."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int, repeats: int,
+                      cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Wall times (ms) of `repeats` calls of each function, the functions alternating within each repeat.
+
+    `cpu_times`, when given, receives the process CPU times too: on a shared CPU they show what the
+    wall times lose to other processes.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -74,7 +78,10 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], device: torch.device, *
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()
-            times[name].append(time_once(fn, device))
+            wall, cpu = time_once(fn, device)
+            times[name].append(wall)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(cpu)
     return times
 
 
@@ -228,13 +235,15 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def markdown_table(records: Sequence[Record]) -> str:
     lines = [
-        "| mode | implementation | median ms | peak extra MB | time vs naive | memory vs naive | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| mode | implementation | median ms | median CPU ms | peak extra MB | time vs naive | memory vs naive "
+        "| note |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         note = r.reason if r.status != "ok" else r.extra.get("note", "")
         lines.append(
-            f"| {r.mode} | {r.name} | {_fmt(r.median_ms)} | {_fmt(r.peak_extra_mb)} | {_fmt(r.time_vs_naive, 2)} | "
+            f"| {r.mode} | {r.name} | {_fmt(r.median_ms)} | {_fmt(r.extra.get('median_cpu_ms'))} | "
+            f"{_fmt(r.peak_extra_mb)} | {_fmt(r.time_vs_naive, 2)} | "
             f"{_fmt(r.memory_vs_naive, 3)} | {note} |"
         )
     return "\n".join(lines)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One pass of the GPU checks on a CUDA machine, under 8 minutes, installing nothing heavy:
+#   1. the tests marked `gpu`, 2. the tests of the Triton ops (compiled, not interpreted),
+#   3. the loss benchmark on the GPU (bf16, 8 pairs x 1024 tokens, H=4096, V=128256).
+# Results and logs go to benchmarks/results/ and, when $OUT is set, are copied into $OUT.
+#
+#   bash benchmarks/gpu_check.sh            # PY=python by default; .venv/bin/python when present
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+PY="${PY:-}"
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+fi
+LOG_DIR="benchmarks/results/gpu_check_logs"
+mkdir -p "$LOG_DIR"
+unset TRITON_INTERPRET  # the point is to run the compiled kernels
+
+status=0
+step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs it, records a failure
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start))s"
+    if [ "$rc" -ne 0 ]; then status=1; fi
+}
+
+"$PY" - <<'EOF' || { echo "CUDA is not available to $PY: this script is for a GPU machine"; exit 2; }
+import torch, sys
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+
+# The package must import from this tree (dpo_fast.kernels lives in ./kernels): an editable install
+# without dependencies takes seconds; skip it when the import already works.
+if ! "$PY" -c "import dpo_fast, dpo_fast.kernels" 2>/dev/null; then
+    echo "=== installing dpo_fast in editable mode (no dependencies)"
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || status=1
+fi
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+step pytest_gpu 150 "$PY" -m pytest -q -m gpu tests
+triton_tests=(tests/test_triton*.py)
+if [ -e "${triton_tests[0]}" ]; then
+    step pytest_triton 120 "$PY" -m pytest -q "${triton_tests[@]}"
+else
+    echo "=== no tests/test_triton*.py found"; status=1
+fi
+step bench_loss 180 "$PY" benchmarks/bench_loss.py --device cuda
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    cp -r benchmarks/results/loss-cuda.* "$LOG_DIR" "$OUT"/ 2>/dev/null || true
+    echo "=== copied results into $OUT"
+fi
+exit $status
