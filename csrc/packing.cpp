@@ -17,6 +17,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(_MSC_VER)
+#include <intrin.h>
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -51,6 +55,17 @@ void sort_decreasing(const std::vector<int64_t>& lengths, int64_t capacity, std:
     std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return lengths[a] > lengths[b]; });
     for (size_t k = 0; k < n; ++k) sorted_lengths[k] = lengths[order[k]];
   }
+}
+
+// Index of the lowest set bit of a non-zero word.
+inline size_t lowest_bit(uint64_t word) {
+#if defined(_MSC_VER)
+  unsigned long index;
+  _BitScanForward64(&index, word);
+  return static_cast<size_t>(index);
+#else
+  return static_cast<size_t>(__builtin_ctzll(word));
+#endif
 }
 
 // Hierarchical 64-ary bitset: set/clear and "smallest set bit >= i" in O(log_64 size).
@@ -94,7 +109,7 @@ class NextSetBit {
       if (w >= level.size()) return -1;
       const uint64_t bits = level[w] & (~uint64_t{0} << (i & 63));
       if (bits != 0) {
-        i = (w << 6) | static_cast<size_t>(__builtin_ctzll(bits));
+        i = (w << 6) | lowest_bit(bits);
         break;
       }
       i = w + 1;  // the next word at this level is the next bit one level up
@@ -102,7 +117,7 @@ class NextSetBit {
     }
     while (depth > 0) {  // descend along the lowest set bits
       --depth;
-      i = (i << 6) | static_cast<size_t>(__builtin_ctzll(levels_[depth][i]));
+      i = (i << 6) | lowest_bit(levels_[depth][i]);
     }
     return static_cast<int64_t>(i);
   }
