@@ -1,0 +1,832 @@
+"""End-to-end DPO training benchmark: TRL against dpo_fast, same model, data, maths and steps.
+
+Contenders (the JSON keys):
+
+- ``trl``: trl.DPOTrainer as shipped (padded batches, its chunked fused lm_head, a reference model).
+- ``trl+dpo_fast``: `dpo_fast.integrations.trl.DPOTrainer`, TRL's loop with dpo_fast computing the loss.
+- ``dpo_fast``: `dpo_fast.DPOTrainer`, prefix-shared packed batches and the fused linear DPO loss.
+- ``dpo_fast+precomputed_ref``: the same with `precompute_ref=True` (the reference log-probs computed once
+  before the first step, the reference model freed); the precompute time is reported separately.
+
+Every contender starts from the same saved weights (a random-init Llama config), trains on the same
+pre-tokenized pairs, in the same order, `--steps` optimizer steps of `--batch-size` pairs each, with
+sigmoid DPO (beta 0.1), AdamW at a constant learning rate without warmup, gradient clipping at 1.0, no
+dropout, fp32 on the CPU, no truncation (max_length is the longest pair). TRL receives the very token
+ids dpo_fast does: its text tokenization (`_prepare_dataset`) is skipped and its sampler is sequential
+over the pairs laid out in dpo_fast's seeded epoch order. The first steps' losses of all contenders must
+agree (same maths, so the speed comparison is fair); the check is in the results.
+
+Measured per contender: pairs/s and tokens/s (real tokens: prompt once + both completions) over steps
+2..N (step 1 carries the one-off setup: reference copy or precompute, optimizer state, dataloader), the
+loss of every step, and peak memory: on CUDA `max_memory_allocated` over trainer construction and
+training; on the CPU `benchmarks.common.peak_extra_bytes` (the profiler's allocator events) over
+construction and `--memory-steps` steps of a second, untimed run. Each contender runs in its own process
+so that neither memory nor patched model classes leak from one to the next.
+
+    python benchmarks/bench_e2e.py --profile long --steps 20
+    python benchmarks/bench_e2e.py --profile short --device cuda --length-search   # 1B Llama, bf16
+
+Writes benchmarks/results/e2e-<profile>.json/.md/.png (e2e-<profile>-cuda.* on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import e2e_data  # noqa: E402
+
+SCHEMA = "dpo_fast.bench.e2e/1"
+CONTENDERS = ("trl", "trl+dpo_fast", "dpo_fast", "dpo_fast+precomputed_ref")
+BASELINE = "trl"
+LOSS_RTOL = 1e-3
+AGREEMENT_STEPS = 3
+
+# Llama-architecture models by device: small enough to train on 2 CPU cores; ~1.2B parameters on a GPU
+# (Llama-3.2-1B's shapes, whose 128k vocabulary is where a fused loss matters most).
+MODEL_PRESETS = {
+    "cpu": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        tie_word_embeddings=False,
+    ),
+    "cuda": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+}
+# Pair lengths are the profile's times this factor (a GPU trains on longer sequences).
+LENGTH_SCALE = {"cpu": 1.0, "cuda": 4.0}
+TOKENIZER_VOCAB = 4096
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything a worker process needs, written to JSON by the parent."""
+
+    contender: str
+    device: str
+    steps: int
+    batch_size: int
+    learning_rate: float
+    beta: float
+    seed: int
+    max_length: int
+    threads: int
+    memory_steps: int
+    model_dir: str
+    tokenizer_dir: str
+    pairs_path: str
+    work_dir: str
+    order: list[int]
+    bf16: bool
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side: one contender, one process
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load_pairs(path: str) -> list:
+    from dpo_fast.pairs import TokenizedPair
+
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    return [TokenizedPair(tuple(p), tuple(c), tuple(r), index=i) for i, (p, c, r) in enumerate(rows)]
+
+
+def _load_model(s: Settings):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if s.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=dtype, attn_implementation="sdpa")
+    return model.to(s.device)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _trl_trainer(
+    s: Settings, model, tokenizer, pairs, steps: int, out_dir: str, step_ends: list[tuple[float, float]]
+):
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+
+    if s.contender == "trl":
+        base = trl.DPOTrainer
+    else:
+        from dpo_fast.integrations.trl import DPOTrainer as base
+
+    class PreTokenized(base):
+        # The pairs are already token ids (the same ones dpo_fast gets); TRL's text tokenization is skipped.
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            _synchronize(s.device)
+            step_ends.append((time.perf_counter(), time.process_time()))
+            _log(f"  [{s.contender}] step {state.global_step}/{steps}")
+
+    ordered = [pairs[i] for i in s.order]
+    dataset = datasets.Dataset.from_dict(
+        {
+            "prompt_ids": [list(p.prompt_ids) for p in ordered],
+            "chosen_ids": [list(p.chosen_ids) for p in ordered],
+            "rejected_ids": [list(p.rejected_ids) for p in ordered],
+        }
+    )
+    args = trl.DPOConfig(
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        seed=s.seed,
+        beta=s.beta,
+        loss_type=["sigmoid"],
+        max_length=s.max_length,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        bf16=s.bf16,
+        use_cpu=not s.device.startswith("cuda"),
+        dataloader_num_workers=0,
+        precompute_ref_log_probs=False,
+    )
+    # ref_model=None: TRL loads its reference from the policy's checkpoint directory, as it does for users.
+    return PreTokenized(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+    )
+
+
+def _dpo_fast_trainer(
+    s: Settings,
+    model,
+    tokenizer,
+    pairs,
+    steps: int,
+    out_dir: str,
+    step_ends: list[tuple[float, float]],
+    timings: dict[str, float],
+):
+    from dpo_fast.config import DPOConfig
+    from dpo_fast.trainer import DPOTrainer
+
+    config = DPOConfig(
+        output_dir=out_dir,
+        overwrite_output_dir=True,
+        max_steps=steps,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        seed=s.seed,
+        beta=s.beta,
+        loss_type="sigmoid",
+        max_length=s.max_length,
+        layout="prefix_shared",
+        precompute_ref=s.contender == "dpo_fast+precomputed_ref",
+        logging_steps=1,
+        save_steps=0,
+        report_to_tensorboard=False,
+        bf16=s.bf16,
+        backend="auto",
+    )
+    trainer = DPOTrainer(model, tokenizer, pairs, config=config)
+    plan = [i for micro in trainer.epoch_plan(0) for i in micro]
+    if plan[: len(s.order)] != s.order or any(len(m) != s.batch_size for m in trainer.epoch_plan(0)[:steps]):
+        raise RuntimeError(
+            "dpo_fast's epoch order differs from the one the benchmark gave TRL: the contenders "
+            "would not train on the same pairs per step"
+        )
+
+    step = trainer.optimizer_step
+
+    def timed_step() -> float:
+        grad_norm = step()
+        _synchronize(s.device)
+        step_ends.append((time.perf_counter(), time.process_time()))
+        _log(f"  [{s.contender}] step {len(step_ends)}/{steps}")
+        return grad_norm
+
+    trainer.optimizer_step = timed_step
+    setup_reference = getattr(trainer, "_setup_reference", None)
+    if setup_reference is not None:  # reports the reference setup (copy or precompute) on its own
+
+        def timed_setup() -> None:
+            start = time.perf_counter()
+            setup_reference()
+            _synchronize(s.device)
+            timings["reference_setup_s"] = time.perf_counter() - start
+
+        trainer._setup_reference = timed_setup
+    return trainer
+
+
+def _history(s: Settings, trainer) -> list[dict[str, Any]]:
+    """One record per optimizer step with loss, logps/chosen, logps/rejected."""
+    if s.contender.startswith("trl"):
+        records = [r for r in trainer.state.log_history if "loss" in r and "step" in r]
+    else:
+        records = list(trainer.metrics.history)
+    return [
+        {
+            "step": int(r["step"]),
+            "loss": float(r["loss"]),
+            "logps/chosen": float(r["logps/chosen"]),
+            "logps/rejected": float(r["logps/rejected"]),
+        }
+        for r in records
+    ]
+
+
+def _train(s: Settings, steps: int, tag: str) -> dict[str, Any]:
+    """Builds the contender's trainer on a fresh copy of the initial weights and trains `steps` steps."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(s.tokenizer_dir)
+    pairs = _load_pairs(s.pairs_path)
+    model = _load_model(s)
+    out_dir = os.path.join(s.work_dir, f"{s.contender.replace('+', '_')}-{tag}")
+    step_ends: list[tuple[float, float]] = []  # (wall clock, process CPU time) at the end of each step
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if s.contender.startswith("trl"):
+        trainer = _trl_trainer(s, model, tokenizer, pairs, steps, out_dir, step_ends)
+    else:
+        trainer = _dpo_fast_trainer(s, model, tokenizer, pairs, steps, out_dir, step_ends, timings)
+    _synchronize(s.device)
+    train_start = time.perf_counter()
+    trainer.train()
+    _synchronize(s.device)
+    end = time.perf_counter()
+    if len(step_ends) != steps:
+        raise RuntimeError(f"{s.contender}: timed {len(step_ends)} optimizer steps, expected {steps}")
+    history = _history(s, trainer)
+    if [r["step"] for r in history] != list(range(1, steps + 1)):
+        raise RuntimeError(f"{s.contender}: logged steps {[r['step'] for r in history]}, expected 1..{steps}")
+    del trainer, model
+    wall, cpu = [w for w, _ in step_ends], [c for _, c in step_ends]
+    return {
+        "construct_s": train_start - start,
+        "train_s": end - train_start,
+        "first_step_s": wall[0] - train_start,
+        "step_s": [b - a for a, b in zip(wall, wall[1:])],
+        "steady_s": wall[-1] - wall[0],
+        "steady_cpu_s": cpu[-1] - cpu[0],
+        "history": history,
+        **timings,
+    }
+
+
+def _import_up_front(contender: str) -> None:
+    """Imports done before any clock starts: module loading is process start-up, not training (a few seconds
+    on this CPU, which would otherwise land in step 1 or in the reference precompute)."""
+    import importlib
+
+    names = [
+        "transformers",
+        "matplotlib.pyplot",
+        "dpo_fast.functional",
+        "dpo_fast.ops.torch_logps",
+        "dpo_fast.ops.torch_one_pass",
+    ]
+    names += (
+        ["trl", "datasets"]
+        if contender.startswith("trl")
+        else ["dpo_fast.trainer", "dpo_fast.scoring", "dpo_fast.tokenization"]
+    )
+    if contender == "trl+dpo_fast":
+        names.append("dpo_fast.integrations.trl")
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def run_worker(settings_path: str, out_path: str) -> None:
+    with open(settings_path, encoding="utf-8") as f:
+        s = Settings(**json.load(f))
+    torch.set_num_threads(s.threads)
+    _import_up_front(s.contender)
+    result: dict[str, Any] = {"contender": s.contender}
+    cuda = s.device.startswith("cuda")
+    rss_before = _rss_mb()
+    with _peak_counter_kept() if cuda else contextlib.nullcontext():
+        if cuda:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        timed = _train(s, s.steps, "timed")
+        if cuda:
+            result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / common.MB
+            result["peak_memory_method"] = "torch.cuda.max_memory_allocated (construction + training)"
+    result["rss_high_water_delta_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    result.update(timed)
+    if not cuda and not s.memory_steps:
+        result["peak_memory_mb"] = result["rss_high_water_delta_mb"]
+        result["peak_memory_method"] = "RSS high-water delta (ru_maxrss) of the timed run"
+    if not cuda and s.memory_steps:
+        _log(f"  [{s.contender}] memory run: {s.memory_steps} steps under the profiler")
+        peak, method = common.peak_extra_bytes(
+            lambda: _train(s, s.memory_steps, "memory"), torch.device("cpu")
+        )
+        result["peak_memory_mb"] = peak / common.MB
+        result["peak_memory_method"] = f"{method} (construction + {s.memory_steps} steps, separate run)"
+    common._write_atomic(Path(out_path), json.dumps(result) + "\n")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / common.MB
+
+
+@contextlib.contextmanager
+def _peak_counter_kept():
+    """dpo_fast's train() resets CUDA's peak counter after its reference setup; keep the counter running so
+    the peak covers construction, reference setup and training for every contender alike."""
+    original = torch.cuda.reset_peak_memory_stats
+    torch.cuda.reset_peak_memory_stats = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        torch.cuda.reset_peak_memory_stats = original
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent side: data, initial weights, one process per contender, summary
+
+
+def _epoch_order(num_pairs: int, seed: int) -> list[int]:
+    # dpo_fast.DPOTrainer's epoch-0 order (a seeded permutation); the worker checks it against the trainer.
+    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _prepare(
+    args: argparse.Namespace, profile: e2e_data.Profile, work: Path, num_pairs: int
+) -> dict[str, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = e2e_data.make_tokenizer(min(TOKENIZER_VOCAB, args.vocab_size))
+    tokenizer.save_pretrained(work / "tokenizer")
+    pairs = e2e_data.make_pairs(tokenizer, profile, num_pairs, seed=args.seed)
+    with open(work / "pairs.json", "w", encoding="utf-8") as f:
+        json.dump([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs], f)
+    if len(tokenizer) > args.vocab_size:
+        raise ValueError(
+            f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+        )
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    preset = dict(MODEL_PRESETS["cuda" if args.device == "cuda" else "cpu"])
+    preset.update(
+        {
+            k: v
+            for k, v in (
+                ("hidden_size", args.hidden_size),
+                ("num_hidden_layers", args.layers),
+                ("vocab_size", args.vocab_size),
+            )
+            if v
+        }
+    )
+    if args.hidden_size:
+        preset["intermediate_size"] = int(args.hidden_size * 8 / 3) // 8 * 8
+        preset["num_attention_heads"] = preset["num_key_value_heads"] = max(1, args.hidden_size // 64)
+    config = LlamaConfig(
+        **preset,
+        max_position_embeddings=max(2048, 2 * longest),
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)  # random init, saved once: every contender loads these very weights
+    model.save_pretrained(work / "model")
+    num_params = sum(p.numel() for p in model.parameters())
+    return {
+        "pairs": pairs,
+        "longest_pair": longest,
+        "model_config": preset,
+        "num_params": num_params,
+        "real_tokens": [e2e_data.real_tokens(p) for p in pairs],
+    }
+
+
+def _run_contender(args: argparse.Namespace, settings: Settings, work: Path) -> dict[str, Any]:
+    settings_path = work / f"settings-{settings.contender.replace('+', '_')}.json"
+    out_path = work / f"result-{settings.contender.replace('+', '_')}.json"
+    settings_path.write_text(json.dumps(dataclasses.asdict(settings)))
+    if args.inline:
+        run_worker(str(settings_path), str(out_path))
+    else:
+        env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", str(settings_path), str(out_path)], env=env
+        )
+        if proc.returncode != 0:
+            return {
+                "contender": settings.contender,
+                "status": "error",
+                "reason": f"worker exited with status {proc.returncode} (its log is above)",
+            }
+    result = json.loads(out_path.read_text())
+    result["status"] = "ok"
+    return result
+
+
+def _summarize(result: dict[str, Any], order: list[int], real_tokens: list[int], batch: int) -> None:
+    """pairs/s and tokens/s over steps 2..N (the steady state), from the step end times."""
+    if result["status"] != "ok":
+        return
+    steps = len(result["history"])
+    result["losses"] = [r["loss"] for r in result["history"]]
+    if steps < 2 or result["steady_s"] <= 0:
+        result["pairs_per_s"] = result["tokens_per_s"] = None
+        return
+    tokens = sum(real_tokens[i] for i in order[batch : steps * batch])
+    result["pairs_per_s"] = (steps - 1) * batch / result["steady_s"]
+    result["tokens_per_s"] = tokens / result["steady_s"]
+    step_s = sorted(result["step_s"])
+    result["median_step_s"] = step_s[len(step_s) // 2]
+    # Process CPU seconds (all threads): less sensitive than the wall clock to other jobs on a shared machine.
+    result["pairs_per_cpu_s"] = (steps - 1) * batch / result["steady_cpu_s"]
+
+
+def _agreement(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Relative differences to TRL of the first steps' losses and of step 1's mean log-probs."""
+    base = results.get(BASELINE)
+    out: dict[str, Any] = {"baseline": BASELINE, "rtol": LOSS_RTOL, "steps_checked": 0, "contenders": {}}
+    if base is None or base["status"] != "ok":
+        out["ok"] = None
+        return out
+    k = min(AGREEMENT_STEPS, len(base["history"]))
+    out["steps_checked"] = k
+    ok = True
+    for name, r in results.items():
+        if name == BASELINE or r["status"] != "ok":
+            continue
+        diffs = {}
+        for key in ("loss", "logps/chosen", "logps/rejected"):
+            steps = range(k) if key == "loss" else range(1)
+            diffs[key] = max(
+                abs(r["history"][i][key] - base["history"][i][key]) / max(abs(base["history"][i][key]), 1e-12)
+                for i in steps
+            )
+        out["contenders"][name] = diffs
+        ok = ok and all(v <= LOSS_RTOL for v in diffs.values())
+    out["ok"] = ok
+    return out
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    meta, cfg = payload["meta"], payload["settings"]
+    lines = [
+        f"# End-to-end DPO training, profile `{cfg['profile']}` ({payload['device']})",
+        "",
+        f"{meta['date_utc']}, commit {meta['git_commit']}, {meta.get('gpu', meta['cpu'])}, "
+        f"torch {meta['torch']}, "
+        f"{meta['torch_threads']} threads, load average before/after: {payload['loadavg_before']} / "
+        f"{payload['loadavg_after']}.",
+        "",
+        f"Model: Llama {cfg['model_config']} ({cfg['num_params'] / 1e6:.1f}M parameters), "
+        f"{'bf16' if cfg['bf16'] else 'fp32'}. Data: {cfg['num_pairs']} pairs, mean prompt "
+        f"{cfg['mean_prompt_tokens']:.0f} / completion {cfg['mean_completion_tokens']:.0f} tokens, "
+        "longest pair "
+        f"{cfg['max_length']}. {cfg['steps']} steps x {cfg['batch_size']} pairs, lr {cfg['learning_rate']}, "
+        f"beta {cfg['beta']}, sigmoid loss.",
+        "",
+        "| contender | pairs/s | tokens/s | vs trl | pairs/CPU-s | vs trl (CPU) | median step s "
+        "| first step s "
+        "| peak MB | RSS high-water delta MB | precompute s | final loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = payload["contenders"].get(BASELINE, {}).get("pairs_per_s")
+    base_cpu = payload["contenders"].get(BASELINE, {}).get("pairs_per_cpu_s")
+    for name, r in payload["contenders"].items():
+        if r["status"] != "ok":
+            lines.append(f"| {name} | error: {r.get('reason', '')} |||||||||||")
+            continue
+        speedup = r["pairs_per_s"] / base if base and r["pairs_per_s"] else None
+        speedup_cpu = r.get("pairs_per_cpu_s") / base_cpu if base_cpu and r.get("pairs_per_cpu_s") else None
+        precompute = r.get("reference_setup_s") if name == "dpo_fast+precomputed_ref" else None
+        lines.append(
+            f"| {name} | {common._fmt(r['pairs_per_s'], 2)} | {common._fmt(r['tokens_per_s'], 0)} | "
+            f"{common._fmt(speedup, 2)} | {common._fmt(r.get('pairs_per_cpu_s'), 2)} | "
+            f"{common._fmt(speedup_cpu, 2)} | "
+            f"{common._fmt(r.get('median_step_s'), 2)} | "
+            f"{common._fmt(r['first_step_s'], 2)} | {common._fmt(r.get('peak_memory_mb'), 1)} | "
+            f"{common._fmt(r['rss_high_water_delta_mb'], 1)} | {common._fmt(precompute, 2)} | "
+            f"{common._fmt(r['losses'][-1], 4)} |"
+        )
+    agree = payload["loss_agreement"]
+    lines += [
+        "",
+        f"Loss agreement with `{BASELINE}` (relative, first {agree['steps_checked']} steps' losses and step "
+        f"1's mean log-probs, tolerance {agree['rtol']}): {'OK' if agree['ok'] else 'FAILED'}",
+        "",
+    ]
+    for name, diffs in agree["contenders"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    method = next(
+        (r.get("peak_memory_method") for r in payload["contenders"].values() if r.get("peak_memory_method")),
+        "-",
+    )
+    lines += [
+        "",
+        f"Peak memory: {method}. pairs/s and tokens/s: steps 2..N (step 1 holds the one-off setup). "
+        "tokens = prompt once + both completions, no padding. The CPU is shared: see the load average.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _chart(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: r for n, r in payload["contenders"].items() if r["status"] == "ok"}
+    fig, (ax_loss, ax_speed, ax_mem) = plt.subplots(1, 3, figsize=(15, 4.2))
+    # Same maths, so the curves should lie on top of each other: distinct styles keep each one visible.
+    styles = [("-", "o", 9), ("--", "s", 6), (":", "^", 5), ("-.", "x", 7)]
+    for (name, r), (line, marker, size) in zip(ok.items(), styles):
+        ax_loss.plot(
+            range(1, len(r["losses"]) + 1),
+            r["losses"],
+            linestyle=line,
+            marker=marker,
+            markersize=size,
+            fillstyle="none",
+            label=name,
+        )
+    ax_loss.set(xlabel="optimizer step", ylabel="DPO loss", title="loss per step")
+    ax_loss.legend(fontsize=8)
+    names = list(ok)
+    ax_speed.bar(names, [ok[n]["pairs_per_s"] or 0 for n in names], color="tab:blue")
+    ax_speed.set(ylabel="pairs / s", title="throughput (steps 2..N)")
+    ax_mem.bar(names, [ok[n].get("peak_memory_mb") or 0 for n in names], color="tab:orange")
+    ax_mem.set(ylabel="MB", title="peak memory")
+    for ax in (ax_speed, ax_mem):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(f"DPO end-to-end, profile {payload['settings']['profile']} ({payload['device']})")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _length_search(args: argparse.Namespace, profile: e2e_data.Profile, work: Path) -> dict[str, Any]:
+    """Per contender, the longest pair (prompt + one completion, the profile's ratio) whose 2 steps fit:
+    doubling from --search-start until a step runs out of memory or --search-max is passed."""
+    found: dict[str, Any] = {}
+    for name in args.contenders:
+        best, length = None, args.search_start
+        while length <= args.search_max:
+            sub = work / f"search-{name.replace('+', '_')}-{length}"
+            sub.mkdir()
+            scaled = e2e_data.scaled_profile(profile, length)
+            prep = _prepare(args, scaled, sub, num_pairs=2 * args.batch_size)
+            settings = _settings(args, name, prep, sub, steps=2)
+            _log(f"[length search] {name}: pairs of {length} tokens")
+            result = _run_contender(args, settings, sub)
+            if result["status"] != "ok":
+                break
+            best = {"pair_tokens": length, "peak_memory_mb": result.get("peak_memory_mb")}
+            length *= 2
+        found[name] = best
+    return found
+
+
+def _settings(args: argparse.Namespace, name: str, prep: dict[str, Any], work: Path, steps: int) -> Settings:
+    return Settings(
+        contender=name,
+        device=args.device,
+        steps=steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        seed=args.seed,
+        max_length=prep["longest_pair"],
+        threads=args.threads or torch.get_num_threads(),
+        memory_steps=args.memory_steps,
+        model_dir=str(work / "model"),
+        tokenizer_dir=str(work / "tokenizer"),
+        pairs_path=str(work / "pairs.json"),
+        work_dir=str(work),
+        order=_epoch_order(len(prep["pairs"]), args.seed),
+        bf16=args.device == "cuda",
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every contender on one profile; writes and returns the results payload."""
+    device = torch.device(args.device)
+    base_profile = e2e_data.PROFILES[args.profile]
+    if args.pair_tokens:
+        profile = e2e_data.scaled_profile(base_profile, args.pair_tokens)
+    else:
+        scale = LENGTH_SCALE[device.type]
+        profile = dataclasses.replace(
+            base_profile,
+            prompt_tokens=round(base_profile.prompt_tokens * scale),
+            completion_tokens=round(base_profile.completion_tokens * scale),
+        )
+    num_pairs = args.steps * args.batch_size  # one epoch, no wrap-around: each step gets new pairs
+    loadavg_before = _loadavg()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_e2e-") as tmp:
+        work = Path(tmp)
+        _log(f"[e2e] profile {args.profile}: building tokenizer, {num_pairs} pairs and the initial weights")
+        prep = _prepare(args, profile, work, num_pairs)
+        _log(
+            f"[e2e] model {prep['num_params'] / 1e6:.1f}M parameters, "
+            f"longest pair {prep['longest_pair']} tokens, "
+            f"load average {loadavg_before}"
+        )
+        for name in args.contenders:
+            _log(f"[e2e] {name}: {args.steps} steps x {args.batch_size} pairs")
+            settings = _settings(args, name, prep, work, args.steps)
+            result = _run_contender(args, settings, work)
+            _summarize(result, settings.order, prep["real_tokens"], args.batch_size)
+            results[name] = result
+            if result["status"] == "ok":
+                _log(
+                    f"[e2e] {name}: {result['pairs_per_s']:.2f} pairs/s, "
+                    f"{result['tokens_per_s']:.0f} tokens/s, "
+                    f"peak {common._fmt(result.get('peak_memory_mb'))} MB, losses "
+                    + " ".join(f"{v:.4f}" for v in result["losses"][:4])
+                    + " ..."
+                )
+        search = _length_search(args, base_profile, work) if args.length_search else None
+    pairs = prep["pairs"]
+    payload = {
+        "schema": SCHEMA,
+        "benchmark": "e2e",
+        "device": device.type,
+        "meta": common.metadata(device),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": _loadavg(),
+        "settings": {
+            "profile": args.profile,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "lr_schedule": "constant, no warmup",
+            "beta": args.beta,
+            "loss_type": "sigmoid",
+            "seed": args.seed,
+            "max_length": prep["longest_pair"],
+            "num_pairs": len(pairs),
+            "mean_prompt_tokens": sum(len(p.prompt_ids) for p in pairs) / len(pairs),
+            "mean_completion_tokens": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+            / (2 * len(pairs)),
+            "model_config": prep["model_config"],
+            "num_params": prep["num_params"],
+            "bf16": device.type == "cuda",
+            "memory_steps": args.memory_steps,
+            "threads": args.threads or torch.get_num_threads(),
+            "isolation": "inline" if args.inline else "process per contender",
+        },
+        "contenders": results,
+        "loss_agreement": _agreement(results),
+    }
+    if search is not None:
+        payload["length_search"] = search
+    out_dir = Path(args.out_dir)
+    stem = f"e2e-{args.profile}" + ("-cuda" if device.type == "cuda" else "")
+    common._write_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
+    common._write_atomic(out_dir / f"{stem}.md", _markdown(payload))
+    if not args.no_chart:
+        _chart(payload, out_dir / f"{stem}.png")
+    _log(f"[e2e] wrote {out_dir / stem}.json/.md" + ("" if args.no_chart else "/.png"))
+    agree = payload["loss_agreement"]
+    if agree["ok"] is False:
+        _log(f"[e2e] WARNING: losses disagree with {BASELINE} beyond {LOSS_RTOL}: {agree['contenders']}")
+    return payload
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", choices=sorted(e2e_data.PROFILES), default="long")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per contender (>= 2)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (one micro-batch)")
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--contenders",
+        type=lambda v: v.split(","),
+        default=list(CONTENDERS),
+        help=f"comma-separated subset of {','.join(CONTENDERS)}",
+    )
+    p.add_argument(
+        "--pair-tokens",
+        type=int,
+        default=0,
+        help="scale the profile to about this many tokens of prompt + one completion (same ratio)",
+    )
+    p.add_argument("--hidden-size", type=int, default=0, help="override the preset's hidden size")
+    p.add_argument("--layers", type=int, default=0, help="override the preset's layer count")
+    p.add_argument("--vocab-size", type=int, default=0, help="override the preset's vocabulary size")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per contender; 0 = torch's default")
+    p.add_argument(
+        "--memory-steps", type=int, default=2, help="CPU: steps of the profiled memory run; 0 = skip"
+    )
+    p.add_argument("--length-search", action="store_true", help="also find the longest pair that fits (CUDA)")
+    p.add_argument("--search-start", type=int, default=1024)
+    p.add_argument("--search-max", type=int, default=65536)
+    p.add_argument(
+        "--inline", action="store_true", help="run contenders in this process (tests; less isolation)"
+    )
+    p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error(f"--steps must be >= 2 (throughput is measured over steps 2..N), got {args.steps}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    unknown = [c for c in args.contenders if c not in CONTENDERS]
+    if unknown:
+        p.error(f"--contenders: unknown {', '.join(unknown)}; expected a subset of {', '.join(CONTENDERS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if not args.vocab_size:
+        args.vocab_size = MODEL_PRESETS[args.device]["vocab_size"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        if len(argv) != 3:
+            raise SystemExit("usage: bench_e2e.py --worker SETTINGS_JSON RESULT_JSON")
+        run_worker(argv[1], argv[2])
+        return 0
+    payload = run(parse_args(argv))
+    return 0 if payload["loss_agreement"]["ok"] is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
