@@ -290,3 +290,12 @@ def test_hook_leaves_short_pairs_to_the_recompute_schedule():
     assert int((flat.labels != IGNORE).sum()) < ops.ONE_PASS_MIN_TOKENS_PER_PAIR * 2
     assert ops.linear_dpo_loss_one_pass(LossConfig(**kwargs), flat, weight, bias, ref_c, ref_r,
                                         backend="torch") is None
+
+
+def test_second_backward_is_a_clear_error():
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(15, "sigmoid", torch.float64)
+    w = weight.clone().requires_grad_()
+    out = _one_pass(hidden, w, bias, labels, ref_c, ref_r, **kwargs)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()

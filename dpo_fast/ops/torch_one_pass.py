@@ -222,20 +222,20 @@ class TorchOnePassLinearDPO(torch.autograd.Function):
 
         loss = _batch_loss(config, seq, b, ref_chosen, ref_rejected, lengths)
         ctx.mark_non_differentiable(seq)
-        ctx.grads = (
-            dhidden,
-            None if dweight is None else dweight,
-            None if dbias is None else dbias,
-        )
+        ctx.grads = (dhidden, dweight, dbias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss, seq
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor | None):
+        if ctx.grads is None:
+            raise RuntimeError("backward ran twice through the one-pass DPO loss: its gradients are computed in the "
+                               "forward and handed over once (retain_graph=True is not supported); call the loss again")
         grads = []
         for g, dtype in zip(ctx.grads, ctx.dtypes):
             grads.append(None if g is None else (g * grad_loss.to(g.dtype)).to(dtype))
-        ctx.grads = None  # free the stored gradients as soon as they are handed over
+        # Freed now: a caller keeping `loss` alive for logging would otherwise keep them until the next step.
+        ctx.grads = None
         return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
