@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -70,19 +71,29 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
+# Subcommands implemented in their own modules, each with `add_arguments(parser)` and `run(args) -> int`.
+# They are imported only when asked for, so `dpo-fast train` never pays for them (nor they for it).
+LAZY_COMMANDS = {
+    "demo": ("dpo_fast.demo", "A self-contained demonstration on a synthetic task (offline, CPU, minutes)."),
+    "score": ("dpo_fast.commands.score", "Score every pair of a dataset with a DPO model's implicit reward."),
+    "rank": ("dpo_fast.commands.rank", "Rank k models on preference pairs (k forward passes, k^2 comparisons)."),
+    "sweep": ("dpo_fast.commands.sweep_cmd", "Short trainings over several betas, with a recommendation."),
+    "synth": ("dpo_fast.commands.synth_cmd", "Sample responses, score them, and write preference pairs."),
+}
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-fast", description="Fast, memory-lean DPO training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,demo}")
+    names = ["train", *LAZY_COMMANDS]
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(names) + "}")
     train = sub.add_parser("train", help="Train a causal LM with DPO.", description="Train a causal LM with DPO.")
     _add_train_arguments(train)
     train.set_defaults(subparser=train)
-    demo = sub.add_parser("demo", help="A self-contained demonstration on a synthetic task.")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        # The demo module (and what it imports) loads only when the demo is asked for.
-        from . import demo as demo_module
-
-        demo_module.add_arguments(demo)
+    for name, (module_name, help_text) in LAZY_COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if argv[:1] == [name]:
+            importlib.import_module(module_name).add_arguments(command)
     return parser
 
 
@@ -189,19 +200,12 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from . import demo as demo_module
-
-    entry = getattr(demo_module, "run", None) or demo_module.main
-    return int(entry(args) or 0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
+    if args.command in LAZY_COMMANDS:
+        return int(importlib.import_module(LAZY_COMMANDS[args.command][0]).run(args) or 0)
     return _train(args.subparser, args)
 
 

@@ -144,3 +144,12 @@ def test_demo_subcommand_is_dispatched_lazily(monkeypatch):
     # `train` does not need the demo module: building its parser leaves it alone.
     monkeypatch.setitem(sys.modules, "dpo_fast.demo", None)
     cli.build_parser(["train"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.LAZY_COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: dpo-fast {command}") and "--" in out
