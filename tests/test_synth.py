@@ -407,3 +407,23 @@ def test_command_unknown_pairing(tmp_path, model_dir, capsys):
     assert synth_cmd.run(args) == 2
     assert "pairing 'best_vs_each' is not known" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags, codec_class", [([], TextCodec), (["--encoding", "task"], TaskCodec)])
+def test_command_encoding_picks_the_codec(tmp_path, model_dir, tokenizer, monkeypatch, flags, codec_class):
+    import dpo_fast.synth as synth_module
+
+    seen = {}
+
+    def fake_synthesize(model, tokenizer, prompts, *, codec, **kwargs):
+        seen["codec"] = codec
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(synth_module, "synthesize", fake_synthesize)
+    status = _cli(["--model", str(model_dir), "--prompts", "demo", "--limit", "2", "--scorer", "length",
+                   "--output", str(tmp_path / "o.jsonl"), *flags])
+    assert status == 2 and type(seen["codec"]) is codec_class
+    expected = tasks.encode_prompt(tokenizer, "sort 1 2 3 =")  # BOS + characters
+    if codec_class is TextCodec:
+        expected = expected[1:]  # this tokenizer's post-processor adds no BOS (see tokenize_pair)
+    assert seen["codec"].encode_prompt("sort 1 2 3 =") == expected
