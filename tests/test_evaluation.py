@@ -325,3 +325,10 @@ def test_rank_models_counts_each_distinct_model_once(tokenizer, models, monkeypa
     assert sorted(calls) == sorted([id(model), id(ref), id(third)])
     assert result.forward_passes == 3
     assert result.names == ["a", "b", "c", "ref"]
+    for values, intervals in ((result.reward_accuracy, result.reward_accuracy_ci),
+                              (result.likelihood_accuracy, result.likelihood_accuracy_ci),
+                              (result.strengths, result.strength_ci)):
+        for value, (lo, hi) in zip(values, intervals):
+            assert lo - 1e-12 <= value <= hi + 1e-12, (value, lo, hi)  # float64 round-off of separate fits
+    # "c" is "a" without its reference: same policy log-probs, so the same likelihood accuracy.
+    assert result.likelihood_accuracy[0] == result.likelihood_accuracy[2]

@@ -43,7 +43,7 @@ def tiny_llama(tokenizer, seed: int, vocab_size: int | None = None):
     return LlamaForCausalLM(config).eval()
 
 
-def dpo_steps(reference, tokenizer, rows, *, steps: int = 25, lr: float = 3e-3):
+def dpo_steps(reference, tokenizer, rows, *, steps: int = 5, lr: float = 3e-3):
     """A copy of `reference` after `steps` full-batch DPO (sigmoid) steps on `rows` (fused head log-probs)."""
     pairs = [tasks.tokenize_row(tokenizer, row, index=i) for i, row in enumerate(rows)]
     ref_chosen, ref_rejected = pair_logps(reference, tokenizer, pairs, max_length=MAX_LENGTH)
@@ -67,7 +67,7 @@ def dpo_steps(reference, tokenizer, rows, *, steps: int = 25, lr: float = 3e-3):
 @pytest.fixture(scope="module")
 def task():
     tokenizer = tasks.build_tokenizer()
-    splits = tasks.make_prompts(24, 1, seed=0, max_len=4)
+    splits = tasks.make_prompts(16, 1, seed=0, max_len=4)
     rows = tasks.make_preference_rows(splits.train, seed=1)
     swapped = [tasks.PreferenceRow(r.prompt, r.rejected, r.chosen) for r in rows]
     reference = tiny_llama(tokenizer, 0)
