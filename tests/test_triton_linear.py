@@ -365,6 +365,59 @@ def test_linear_dpo_loss_triton_backend(dtype, loss_type, packed, with_ref_hidde
         _assert_within(name, p.grad.cpu(), r.grad, 2 * eps * scale + tol["out_eps"] * r.grad.abs())
 
 
+# ---------------------------------------------------------------- GPU code generation, without a GPU
+
+_COMPILE_FOR_SM90 = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dpo_fast.kernels import linear_logps
+from dpo_fast.ops import triton_linear
+
+assert isinstance(linear_logps._linear_logps_fwd, triton.runtime.jit.JITFunction), "still interpreted"
+dtype = sys.argv[1]
+blocks = triton_linear.CUDA_BLOCKS if dtype != "fp32" else triton_linear.CUDA_BLOCKS_FP32
+constexprs = dict(HAS_BIAS=True, COMPUTE_WEIGHT=True, COMPUTE_BIAS=True, UPCAST_DOT=False,
+                  INPUT_PRECISION="ieee" if dtype == "fp32" else None, BLOCK_N=blocks.block_n,
+                  BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h)
+for name in ("_linear_logps_fwd", "_linear_logps_bwd_hidden", "_linear_logps_bwd_weight",
+             "_linear_logps_bwd_dlogits"):
+    fn = getattr(linear_logps, name)
+    # The naming convention gives the types: Capitalised = pointer, ALL_CAPS = constexpr, else int.
+    sig, consts = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg.isupper():
+            sig[arg] = "constexpr"
+            consts[(i,)] = constexprs[arg]
+        elif arg[0].isupper():
+            sig[arg] = {"Labels": "*i64", "Hidden": "*" + dtype, "Weight": "*" + dtype, "Bias": "*" + dtype,
+                        "DLogits": "*" + dtype}.get(arg, "*fp32")
+        else:
+            sig[arg] = "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=triton_linear.CUDA_NUM_WARPS, num_stages=triton_linear.CUDA_NUM_STAGES))
+    print(name, "ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_kernels_compile_for_h100(dtype):
+    """Code generation for sm_90 (H100) at the CUDA tile sizes, offline: catches what the interpreter
+    cannot (tl.dot shapes and dtypes, layouts, constexpr branches), without running anything."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok") == 4, done.stdout
+
+
 # ---------------------------------------------------------------- real shapes, CUDA only
 
 

@@ -46,10 +46,12 @@ class LinearBlocks(NamedTuple):
     block_h: int  # hidden features per tl.dot step
 
 
-# H100 (untuned, no GPU was at hand when this was written): a [64, 128] float32 logits tile is 32
-# registers per thread over 8 warps, leaving room for the 16-bit operand tiles of a BLOCK_H = 64 step
-# and for two pipeline stages; 128-wide vocab tiles put a 256k vocabulary in 2k tiles.
-CUDA_BLOCKS = LinearBlocks(block_n=64, block_v=128, block_h=64)
+# H100, untimed (no GPU was at hand): the largest tiles for which ptxas reports no register spill in
+# any of the four kernels at 8 warps, compiled offline for sm_90 with Triton 3.9. BLOCK_H = 64 spills
+# in the backward kernels (684 bytes in the weight one), and fp32 (FMA, not tensor cores) needs the
+# narrower vocab tile. 64 x 128 tiles put a 128k vocabulary in 1k tiles.
+CUDA_BLOCKS = LinearBlocks(block_n=64, block_v=128, block_h=32)
+CUDA_BLOCKS_FP32 = LinearBlocks(block_n=64, block_v=64, block_h=32)
 CUDA_NUM_WARPS = 8
 CUDA_NUM_STAGES = 2
 # Under the interpreter a tile step costs milliseconds of Python whatever its size (a 32003 vocabulary
@@ -58,8 +60,10 @@ CUDA_NUM_STAGES = 2
 INTERPRETED_BLOCKS = LinearBlocks(block_n=32, block_v=1024, block_h=64)
 
 
-def default_blocks(device: torch.device) -> LinearBlocks:
-    return CUDA_BLOCKS if device.type == "cuda" else INTERPRETED_BLOCKS
+def default_blocks(device: torch.device, dtype: torch.dtype) -> LinearBlocks:
+    if device.type != "cuda":
+        return INTERPRETED_BLOCKS
+    return CUDA_BLOCKS if dtype in (torch.bfloat16, torch.float16) else CUDA_BLOCKS_FP32
 
 
 @functools.cache
@@ -343,7 +347,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     Returns:
         [N] float32 `log_softmax(hidden @ weight.T + bias)[n, labels[n]]`, 0 where ignored.
     """
-    blocks = default_blocks(hidden.device) if blocks is None else LinearBlocks(*blocks)
+    blocks = default_blocks(hidden.device, hidden.dtype) if blocks is None else LinearBlocks(*blocks)
     _check_inputs(hidden, weight, labels, bias, blocks)
     if v_splits is None:
         v_splits = default_v_splits(hidden.shape[0], weight.shape[0], blocks, hidden.device)
