@@ -581,26 +581,36 @@ class RankResult:
 
     def table(self) -> str:
         pct = f"{self.confidence:.0%}"
-        width = max(5, *(len(n) for n in self.names))
-        head = (f"{'rank':>4}  {'model':<{width}}  {'reward acc [' + pct + ' CI]':<24}  "
-                f"{'likelihood acc [' + pct + ' CI]':<28}  {'mean margin':>11}  BT strength [{pct} CI]")
-        lines = [head]
+        header = ["rank", "model", f"reward acc [{pct} CI]", f"likelihood acc [{pct} CI]", "mean margin",
+                  f"BT strength [{pct} CI]"]
+        rows = [header]
         for rank, i in enumerate(self.order, start=1):
             ra, la, s = self.reward_accuracy_ci[i], self.likelihood_accuracy_ci[i], self.strength_ci[i]
-            lines.append(
-                f"{rank:>4}  {self.names[i]:<{width}}  "
-                f"{self.reward_accuracy[i]:.3f} [{ra.low:.3f}, {ra.high:.3f}]{'':<5}  "
-                f"{self.likelihood_accuracy[i]:.3f} [{la.low:.3f}, {la.high:.3f}]{'':<9}  "
-                f"{self.mean_margin[i]:>+11.4f}  {self.strengths[i]:+.3f} [{s.low:+.3f}, {s.high:+.3f}]"
-            )
-        lines.append("")
-        lines.append(f"win rate (row beats column on a pair; {self.num_pairs} pairs):")
-        lines.append(" " * (width + 2) + "  ".join(f"{n[:8]:>8}" for n in self.names))
-        for a, name in enumerate(self.names):
-            cells = "  ".join(f"{float(self.win_rate[a, b]):>8.3f}" if a != b else f"{'-':>8}"
-                              for b in range(len(self.names)))
-            lines.append(f"{name:<{width}}  {cells}")
+            rows.append([str(rank), self.names[i],
+                         f"{self.reward_accuracy[i]:.3f} [{ra.low:.3f}, {ra.high:.3f}]",
+                         f"{self.likelihood_accuracy[i]:.3f} [{la.low:.3f}, {la.high:.3f}]",
+                         f"{self.mean_margin[i]:+.4f}",
+                         f"{_signed(self.strengths[i])} [{_signed(s.low)}, {_signed(s.high)}]"])
+        lines = _columns(rows, right={0, 4})
+        k = len(self.names)
+        grid = [[""] + list(self.names)]
+        for a in range(k):
+            grid.append([self.names[a]] + [f"{float(self.win_rate[a, b]):.3f}" if a != b else "-"
+                                           for b in range(k)])
+        lines += ["", f"win rate (row beats column on a pair; {self.num_pairs} pairs):"]
+        lines += _columns(grid, right=set(range(1, k + 1)))
         return "\n".join(lines)
+
+
+def _signed(value: float) -> str:
+    # Round-off around a strength of 0 would print as -0.000.
+    return f"{value + 0.0:+.3f}" if abs(value) >= 5e-4 else "+0.000"
+
+
+def _columns(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if c in right else cell.ljust(w)
+                      for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 def rank_models(models: Sequence[tuple[str, Any, Any]], tokenizer, data: Any, *, beta: float,
@@ -710,7 +720,7 @@ def rank_chart_png(result: RankResult) -> bytes:
     ax_acc.set_ylim(0, 1.05)
     ax_acc.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax_acc.set_title(f"accuracy on {result.num_pairs} pairs ({result.confidence:.0%} bootstrap CI)")
-    ax_acc.legend(loc="lower right", fontsize=8)
+    ax_acc.legend(loc="best", fontsize=8)
     matrix = result.win_rate.double().clone()
     matrix.fill_diagonal_(float("nan"))
     image = ax_win.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="RdBu")
