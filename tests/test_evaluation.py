@@ -14,6 +14,7 @@ is beta * 2 * 1e-5 * max|L|, plus rtol 1e-5 of the reward.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -332,3 +333,26 @@ def test_rank_models_counts_each_distinct_model_once(tokenizer, models, monkeypa
             assert lo - 1e-12 <= value <= hi + 1e-12, (value, lo, hi)  # float64 round-off of separate fits
     # "c" is "a" without its reference: same policy log-probs, so the same likelihood accuracy.
     assert result.likelihood_accuracy[0] == result.likelihood_accuracy[2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_implicit_rewards_on_cuda_match_float64_oracle(tokenizer, models):
+    """The CUDA path (Triton log-prob kernels) against the CPU float64 oracle, sequence and per-token."""
+    model, ref = models
+    prompts, responses = [r[0] for r in TEXT_ROWS], [r[1] for r in TEXT_ROWS]
+    cuda_model, cuda_ref = copy.deepcopy(model).cuda(), copy.deepcopy(ref).cuda()
+    options = dict(beta=BETA, max_length=MAX_LENGTH)
+    got = implicit_rewards(cuda_model, cuda_ref, tokenizer, prompts, responses, **options)
+    per_token = implicit_rewards(cuda_model, cuda_ref, tokenizer, prompts, responses, per_token=True,
+                                 **options)
+    expected, scale = [], 0.0
+    for i, (prompt_ids, response_ids) in enumerate(expected_ids(tokenizer, TEXT_ROWS)):
+        policy = oracle_token_logps(model, prompt_ids, response_ids)
+        reference = oracle_token_logps(ref, prompt_ids, response_ids)
+        expected.append(float(BETA * (policy - reference).sum()))
+        scale = max(scale, float(policy.sum().abs()), float(reference.sum().abs()))
+        assert_rewards_close(per_token[i], BETA * (policy - reference), math.log(len(tokenizer)) * 4,
+                             f"cuda row {i} per-token rewards")
+    assert got.device.type == "cpu"
+    assert_rewards_close(got, torch.tensor(expected, dtype=torch.float64), scale, "cuda sequence rewards")
