@@ -124,8 +124,8 @@ def _tokenize_responses(tokenizer, prompts: Sequence[Any], responses: Sequence[A
     """(prompt ids, response ids, filler ids) per row, with `tokenize_pair`'s rules (chat template, EOS,
     truncation) for the response as the chosen side of a pair whose other side is a one-character filler.
 
-    The filler's ids are at most as long as any response's (one character, then EOS), so it never
-    changes how the row is truncated.
+    The filler (one character, then EOS) is no longer than any non-empty response for tokenizers that
+    encode one character as one token, so it does not change how the row is truncated.
     """
     from .tokenization import tokenize_dataset, tokenize_pair
 
@@ -240,6 +240,9 @@ def implicit_rewards(model, ref_model, tokenizer, prompts: Sequence[Any], respon
         [response tokens], beta times each token's log-ratio (they sum to the sequence reward).
     """
     beta = _check_beta(beta)
+    for name, value in (("prompts", prompts), ("responses", responses)):
+        if isinstance(value, str):
+            raise TypeError(f"{name} must be a sequence of rows, got a single string; wrap it in a list")
     if len(prompts) != len(responses):
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; expected one prompt "
                          "per response")
