@@ -38,10 +38,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .attention import attention_kwargs
-from .layouts import build_batch, check_layout, group_pairs, unit_lengths
+from .layouts import check_layout
 from .pairs import TokenizedPair
-from .scoring import backbone_of, head_token_logps, output_head, pair_logps
+from .scoring import output_head, pair_logps, scored_batches
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +161,6 @@ def _response_pairs(tokenized) -> tuple[list[TokenizedPair], list[tuple[int, int
     return [TokenizedPair(p, c, r, index=k) for k, (p, c, r) in enumerate(pairs)], slots
 
 
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        if value is not None:
-            return int(value)
-    return 0  # padding is never attended to nor scored: any valid embedding row will do
-
-
 @torch.no_grad()
 def pair_token_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str = "prefix_shared",
                      max_length: int = 1024, max_tokens_per_batch: int | None = None,
@@ -188,36 +179,18 @@ def pair_token_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout
         if longest > max_length:
             raise ValueError(f"pairs[{i}] has a sequence of {longest} tokens, more than "
                              f"max_length={max_length}")
-    device = next(model.parameters()).device
-    head = output_head(model)
-    backbone = backbone_of(model)
-    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
-    impl = getattr(model.config, "_attn_implementation", None)
-    if max_tokens_per_batch is None:
-        largest = max(unit_lengths(pairs, layout)) * (2 if layout != "prefix_shared" else 1)
-        max_tokens_per_batch = max(8 * max_length, largest)
     chosen: list[Tensor] = [torch.zeros(0)] * len(pairs)
     rejected: list[Tensor] = [torch.zeros(0)] * len(pairs)
-    for members in group_pairs(pairs, layout, max_tokens_per_batch=max_tokens_per_batch):
-        batch_pairs = [pairs[i] for i in members]
-        row_tokens = max(max(unit_lengths(batch_pairs, layout)), max_length)
-        batch = build_batch(batch_pairs, layout, pad_id=_pad_id(tokenizer), max_tokens_per_row=row_tokens)
-        hidden = backbone(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                          use_cache=False, **attention_kwargs(batch, impl, dtype, device))
-        hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-        segments = batch.segment_ids.reshape(-1).to(device)
-        scored = segments >= 0
-        labels = batch.labels.reshape(-1).to(device)[scored]
-        tok = head_token_logps(hidden.reshape(-1, hidden.shape[-1])[scored], head, labels, backend=backend)
-        tok = tok.cpu()
-        seg = segments[scored].cpu()
+    for scored in scored_batches(model, tokenizer, pairs, layout=layout, max_length=max_length,
+                                 max_tokens_per_batch=max_tokens_per_batch, backend=backend):
+        tok = scored.token_logps.cpu()
+        seg = scored.segment_ids.cpu()
         # Every layout lays a sequence's tokens out left to right, so a stable sort by segment keeps each
         # sequence's tokens in order.
         order = torch.sort(seg, stable=True).indices
-        counts = torch.bincount(seg, minlength=2 * batch.num_pairs).tolist()
-        pieces = torch.split(tok[order], counts)
-        b = batch.num_pairs
-        for j, i in enumerate(members):
+        b = len(scored.members)
+        pieces = torch.split(tok[order], torch.bincount(seg, minlength=2 * b).tolist())
+        for j, i in enumerate(scored.members):
             chosen[i], rejected[i] = pieces[j].clone(), pieces[b + j].clone()
     return chosen, rejected
 

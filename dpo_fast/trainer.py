@@ -51,8 +51,7 @@ from .layouts import build_batch, unit_lengths
 from .losses import DPOOutput, loss_from_logps
 from .metrics import CHART_FILE, METRICS_FILE, MetricsLogger, plot_metrics
 from .pairs import Batch, TokenizedPair
-from .scoring import _check_lengths as check_sequence_lengths
-from .scoring import backbone_of, head_token_logps, output_head, pair_logps
+from .scoring import backbone_of, check_sequence_lengths, head_token_logps, output_head, pad_token_id, pair_logps
 
 logger = logging.getLogger(__name__)
 
@@ -579,14 +578,7 @@ class DPOTrainer:
 
     def _build(self, pairs: list[TokenizedPair]) -> Batch:
         capacity = None if self.layout == "padded" else self.config.row_capacity
-        return build_batch(pairs, self.layout, pad_id=self._pad_id(), max_tokens_per_row=capacity)
-
-    def _pad_id(self) -> int:
-        for name in ("pad_token_id", "eos_token_id"):
-            value = getattr(self.tokenizer, name, None) if self.tokenizer is not None else None
-            if value is not None:
-                return int(value)
-        return 0  # padding is never attended to nor scored
+        return build_batch(pairs, self.layout, pad_id=pad_token_id(self.tokenizer), max_tokens_per_row=capacity)
 
     # -- reference log-probs for a batch ----------------------------------------------------------
 
