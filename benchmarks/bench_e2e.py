@@ -363,7 +363,12 @@ def run_worker(settings_path: str, out_path: str) -> None:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        timed = _train(s, s.steps, "timed")
+        try:
+            timed = _train(s, s.steps, "timed")
+        except torch.OutOfMemoryError as e:  # an answer, not a crash, for the length search
+            result.update(status="oom", reason=str(e).splitlines()[0][:300])
+            common._write_atomic(Path(out_path), json.dumps(result) + "\n")
+            return
         if cuda:
             result["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - base) / common.MB
             result["peak_memory_method"] = "torch.cuda.max_memory_allocated (construction + training)"
@@ -408,55 +413,56 @@ def _epoch_order(num_pairs: int, seed: int) -> list[int]:
     return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _prepare(
+def _prepare_data(
     args: argparse.Namespace, profile: e2e_data.Profile, work: Path, num_pairs: int
 ) -> dict[str, Any]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """Saves the tokenizer and `num_pairs` pairs of the profile under `work`."""
     tokenizer = e2e_data.make_tokenizer(min(TOKENIZER_VOCAB, args.vocab_size))
-    tokenizer.save_pretrained(work / "tokenizer")
-    pairs = e2e_data.make_pairs(tokenizer, profile, num_pairs, seed=args.seed)
-    with open(work / "pairs.json", "w", encoding="utf-8") as f:
-        json.dump([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs], f)
     if len(tokenizer) > args.vocab_size:
         raise ValueError(
             f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
         )
+    tokenizer.save_pretrained(work / "tokenizer")
+    pairs = e2e_data.make_pairs(tokenizer, profile, num_pairs, seed=args.seed)
+    with open(work / "pairs.json", "w", encoding="utf-8") as f:
+        json.dump([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs], f)
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    return {
+        "tokenizer": tokenizer,
+        "pairs": pairs,
+        "longest_pair": longest,
+        "real_tokens": [e2e_data.real_tokens(p) for p in pairs],
+    }
+
+
+def _prepare_model(args: argparse.Namespace, tokenizer, work: Path, max_positions: int) -> dict[str, Any]:
+    """Random-initialises the preset's Llama once and saves it: every contender loads these very weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     preset = dict(MODEL_PRESETS["cuda" if args.device == "cuda" else "cpu"])
-    preset.update(
-        {
-            k: v
-            for k, v in (
-                ("hidden_size", args.hidden_size),
-                ("num_hidden_layers", args.layers),
-                ("vocab_size", args.vocab_size),
-            )
-            if v
-        }
+    overrides = (
+        ("hidden_size", args.hidden_size),
+        ("num_hidden_layers", args.layers),
+        ("vocab_size", args.vocab_size),
     )
+    preset.update({k: v for k, v in overrides if v})
     if args.hidden_size:
         preset["intermediate_size"] = int(args.hidden_size * 8 / 3) // 8 * 8
         preset["num_attention_heads"] = preset["num_key_value_heads"] = max(1, args.hidden_size // 64)
     config = LlamaConfig(
         **preset,
-        max_position_embeddings=max(2048, 2 * longest),
+        max_position_embeddings=max_positions,
         attention_dropout=0.0,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)  # random init, saved once: every contender loads these very weights
+    model = LlamaForCausalLM(config)
+    if args.device == "cuda":
+        model = model.to(torch.bfloat16)  # the contenders train in bf16; half the bytes to write and read
     model.save_pretrained(work / "model")
-    num_params = sum(p.numel() for p in model.parameters())
-    return {
-        "pairs": pairs,
-        "longest_pair": longest,
-        "model_config": preset,
-        "num_params": num_params,
-        "real_tokens": [e2e_data.real_tokens(p) for p in pairs],
-    }
+    return {"model_config": preset, "num_params": sum(p.numel() for p in model.parameters())}
 
 
 def _run_contender(args: argparse.Namespace, settings: Settings, work: Path) -> dict[str, Any]:
@@ -477,7 +483,7 @@ def _run_contender(args: argparse.Namespace, settings: Settings, work: Path) -> 
                 "reason": f"worker exited with status {proc.returncode} (its log is above)",
             }
     result = json.loads(out_path.read_text())
-    result["status"] = "ok"
+    result.setdefault("status", "ok")
     return result
 
 
@@ -532,8 +538,11 @@ def _markdown(payload: dict[str, Any]) -> str:
         "",
         f"{meta['date_utc']}, commit {meta['git_commit']}, {meta.get('gpu', meta['cpu'])}, "
         f"torch {meta['torch']}, "
-        f"{meta['torch_threads']} threads, load average before/after: {payload['loadavg_before']} / "
+        f"{cfg['threads']} torch thread(s) per contender, {meta['cpu_count']} CPUs, "
+        f"load average before/after: {payload['loadavg_before']} / "
         f"{payload['loadavg_after']}.",
+        "",
+        f"Command: `{payload['command']}`",
         "",
         f"Model: Llama {cfg['model_config']} ({cfg['num_params'] / 1e6:.1f}M parameters), "
         f"{'bf16' if cfg['bf16'] else 'fp32'}. Data: {cfg['num_pairs']} pairs, mean prompt "
@@ -583,6 +592,19 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"Peak memory: {method}. pairs/s and tokens/s: steps 2..N (step 1 holds the one-off setup). "
         "tokens = prompt once + both completions, no padding. The CPU is shared: see the load average.",
     ]
+    if payload.get("length_search"):
+        lines += [
+            "",
+            "Longest pair (prompt + one completion, tokens) whose 2 training steps fit, doubling search:",
+            "",
+        ]
+        for name, found in payload["length_search"].items():
+            best, failure = found["longest_fitting"], found["first_failure"]
+            fits = (
+                f"{best['pair_tokens']} (peak {common._fmt(best['peak_memory_mb'])} MB)" if best else "none"
+            )
+            fails = f"; {failure['pair_tokens']} failed: {failure['reason']}" if failure else ""
+            lines.append(f"- {name}: {fits}{fails}")
     return "\n".join(lines) + "\n"
 
 
@@ -638,27 +660,36 @@ def _loadavg() -> str:
 
 def _length_search(args: argparse.Namespace, profile: e2e_data.Profile, work: Path) -> dict[str, Any]:
     """Per contender, the longest pair (prompt + one completion, the profile's ratio) whose 2 steps fit:
-    doubling from --search-start until a step runs out of memory or --search-max is passed."""
+    doubling from --search-start until a run fails (out of memory, or any error: its reason is kept) or
+    --search-max is passed. Uses the benchmark's saved model."""
     found: dict[str, Any] = {}
     for name in args.contenders:
-        best, length = None, args.search_start
+        best, failure, length = None, None, args.search_start
         while length <= args.search_max:
             sub = work / f"search-{name.replace('+', '_')}-{length}"
             sub.mkdir()
-            scaled = e2e_data.scaled_profile(profile, length)
-            prep = _prepare(args, scaled, sub, num_pairs=2 * args.batch_size)
-            settings = _settings(args, name, prep, sub, steps=2)
+            data = _prepare_data(args, e2e_data.scaled_profile(profile, length), sub, 2 * args.batch_size)
+            settings = _settings(args, name, data, sub, steps=2, model_dir=work / "model")
+            settings.memory_steps = 0
             _log(f"[length search] {name}: pairs of {length} tokens")
             result = _run_contender(args, settings, sub)
             if result["status"] != "ok":
+                failure = {"pair_tokens": length, "reason": result.get("reason", "")}
                 break
             best = {"pair_tokens": length, "peak_memory_mb": result.get("peak_memory_mb")}
             length *= 2
-        found[name] = best
+        found[name] = {"longest_fitting": best, "first_failure": failure}
     return found
 
 
-def _settings(args: argparse.Namespace, name: str, prep: dict[str, Any], work: Path, steps: int) -> Settings:
+def _settings(
+    args: argparse.Namespace,
+    name: str,
+    prep: dict[str, Any],
+    work: Path,
+    steps: int,
+    model_dir: Path | None = None,
+) -> Settings:
     return Settings(
         contender=name,
         device=args.device,
@@ -670,7 +701,7 @@ def _settings(args: argparse.Namespace, name: str, prep: dict[str, Any], work: P
         max_length=prep["longest_pair"],
         threads=args.threads or torch.get_num_threads(),
         memory_steps=args.memory_steps,
-        model_dir=str(work / "model"),
+        model_dir=str(model_dir or work / "model"),
         tokenizer_dir=str(work / "tokenizer"),
         pairs_path=str(work / "pairs.json"),
         work_dir=str(work),
@@ -698,7 +729,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_e2e-") as tmp:
         work = Path(tmp)
         _log(f"[e2e] profile {args.profile}: building tokenizer, {num_pairs} pairs and the initial weights")
-        prep = _prepare(args, profile, work, num_pairs)
+        prep = _prepare_data(args, profile, work, num_pairs)
+        positions = max(2048, 2 * prep["longest_pair"], 2 * args.search_max if args.length_search else 0)
+        prep.update(_prepare_model(args, prep["tokenizer"], work, positions))
         _log(
             f"[e2e] model {prep['num_params'] / 1e6:.1f}M parameters, "
             f"longest pair {prep['longest_pair']} tokens, "
@@ -748,6 +781,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threads": args.threads or torch.get_num_threads(),
             "isolation": "inline" if args.inline else "process per contender",
         },
+        "command": "python benchmarks/bench_e2e.py " + " ".join(args.argv),
         "contenders": results,
         "loss_agreement": _agreement(results),
     }
@@ -803,6 +837,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps < 2:
         p.error(f"--steps must be >= 2 (throughput is measured over steps 2..N), got {args.steps}")
     if args.batch_size < 1:
