@@ -19,8 +19,8 @@ kernels.
 
 Second backward schedule ("chunked"): `_linear_logps_bwd_dlogits` writes `g * (onehot - softmax)`
 for a chunk of tokens into a [chunk, V] buffer in the input dtype (one program per tile, no loop but
-H), and the launcher hands the two products to cuBLAS. Fewer flops on the tl.dot side (2·N·H·V
-instead of 6·N·H·V) for a [chunk, V] buffer instead of one tile.
+H), and the launcher hands the two products to cuBLAS: 2·N·H·V backward flops in tl.dot instead of
+8·N·H·V, plus 4·N·H·V in cuBLAS, for a [chunk, V] buffer instead of one tile.
 
 The launcher (`dpo_fast/ops/triton_linear.py`) guarantees unit stride along H, contiguous output
 buffers, and `Grad` already zeroed where the label is ignored.
