@@ -272,13 +272,13 @@ def test_hook_declines_other_backends():
 
 
 def test_hook_picks_one_pass_for_long_pairs_and_matches_reference():
-    per_seq = ops.ONE_PASS_MIN_TOKENS_PER_PAIR // 2 + 9  # scored tokens per pair above the threshold
-    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(13, "sigmoid", torch.float64, b=2, t=per_seq + 5,
+    config = LossConfig(beta=0.3, loss_type="nca_pair")
+    per_seq = ops.one_pass_min_tokens_per_pair(config) // 2 + 9  # scored tokens per pair above the threshold
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(13, "nca_pair", torch.float64, b=2, t=per_seq + 5,
                                                                fully_masked_row=False)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    config = LossConfig(**kwargs)
     flat = _FlatHidden(leaves[0], labels, None, IGNORE, weight.shape[0])
-    assert int((flat.labels != IGNORE).sum()) >= ops.ONE_PASS_MIN_TOKENS_PER_PAIR * 2
+    assert int((flat.labels != IGNORE).sum()) >= ops.one_pass_min_tokens_per_pair(config) * 2
     out = ops.linear_dpo_loss_one_pass(config, flat, leaves[1], leaves[2], ref_c, ref_r, backend="torch")
     assert out is not None
     _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float64)
@@ -287,9 +287,9 @@ def test_hook_picks_one_pass_for_long_pairs_and_matches_reference():
 def test_hook_leaves_short_pairs_to_the_recompute_schedule():
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(14, "sigmoid", torch.float64, b=2, t=9)
     flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
-    assert int((flat.labels != IGNORE).sum()) < ops.ONE_PASS_MIN_TOKENS_PER_PAIR * 2
-    assert ops.linear_dpo_loss_one_pass(LossConfig(**kwargs), flat, weight, bias, ref_c, ref_r,
-                                        backend="torch") is None
+    config = LossConfig(**kwargs)
+    assert int((flat.labels != IGNORE).sum()) < ops.one_pass_min_tokens_per_pair(config) * 2
+    assert ops.linear_dpo_loss_one_pass(config, flat, weight, bias, ref_c, ref_r, backend="torch") is None
 
 
 def test_second_backward_is_a_clear_error():

@@ -31,18 +31,26 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     return torch_logps.linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
 
 
-# When the one-pass schedule wins (measured on the 2-core CPU, 1 thread, fp32, H=512, V=32000, sigmoid;
-# CPU seconds for forward + backward, median of 3; `benchmarks/bench_loss.py` has the full comparison):
+# When the one-pass schedule wins. Measured on the shared 2-core Xeon (AVX-512), 1 thread, fp32, H=512,
+# V=32000, sigmoid loss, 4096 tokens in all unless fewer pairs fit; process CPU seconds for forward +
+# backward, median of 3 interleaved runs (`benchmarks/bench_loss.py` has the full comparison):
 #   scored tokens per pair   naive   recompute   one-pass (1 buffer)   one-pass (2 buffers)
-#   1024 (4 pairs x 2x512)    4.13     4.90          3.49                  3.61
-#    128 (16 pairs x 2x64)    1.94     2.35          2.16                  2.32
-#     64 (32 pairs x 2x32)    1.91     2.30          2.43                  2.68
-#     16 (64 pairs x 2x8)     0.99     1.18          3.08                  3.71
+#   1024 (4 pairs)            3.75     4.47          3.30                  3.37
+#    128 (16 pairs)           1.93     2.47          2.05                  2.19
+#     96 (21 pairs)           1.89     2.25          2.20                  2.38
+#     64 (32 pairs)           1.91     2.33          2.32                  2.59
+#     16 (64 pairs)           0.98     1.19          2.76                  3.68
 # The one-pass schedule saves a quarter of the matmul flops but pays, per pair, a few passes over its
-# [V, H] scratch buffer (fold into dweight), so it needs enough tokens per pair to amortise them.
-# Its scratch buffer also costs V*H*4 bytes more than the recompute schedule: with fewer tokens than
-# the hidden size that is more than the logits it avoids recomputing.
-ONE_PASS_MIN_TOKENS_PER_PAIR = 96
+# [V, H] scratch buffer(s) (the fold into dweight), so it needs enough tokens per pair to amortise them:
+# about 96 with one buffer, 128 with two. Its scratch also costs V*H*4 bytes per buffer beyond the
+# recompute schedule: with fewer scored tokens than the hidden size that outweighs the flops saved.
+ONE_PASS_MIN_TOKENS_PER_PAIR = {"one buffer": 96, "two buffers": 128}
+
+
+def one_pass_min_tokens_per_pair(config) -> int:
+    from .torch_one_pass import single_buffer_applies
+
+    return ONE_PASS_MIN_TOKENS_PER_PAIR["one buffer" if single_buffer_applies(config) else "two buffers"]
 
 
 def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_rejected_logps, *, backend: str):
@@ -56,7 +64,7 @@ def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_r
         return None
     b = flat.num_sequences // 2
     scored = int((flat.labels != flat.ignore_index).sum())
-    if scored < ONE_PASS_MIN_TOKENS_PER_PAIR * b or scored < weight.shape[1]:
+    if scored < one_pass_min_tokens_per_pair(config) * b or scored < weight.shape[1]:
         return None
     from ..validation import check_ref
     from . import torch_one_pass
