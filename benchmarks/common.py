@@ -281,3 +281,8 @@ def write_results(name: str, device: torch.device, config: dict[str, Any], recor
     body += [f"- {n}" for n in notes]
     _write_atomic(md_path, "\n".join(header + body) + "\n")
     return json_path, md_path
+
+
+# Public names for the helpers other benchmarks use (the underscored names stay for their callers).
+write_atomic = _write_atomic
+fmt = _fmt
