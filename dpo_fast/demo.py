@@ -166,8 +166,12 @@ def evaluate(policy, reference, tokenizer, held_out, rows, settings: DemoSetting
     }
 
 
-def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir: str, **overrides) -> list[dict[str, Any]]:
-    """DPO through `DPOTrainer`; returns the trainer's metric records."""
+def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir: str,
+        **overrides: Any) -> list[dict[str, Any]]:
+    """DPO of `policy` in place through `DPOTrainer`; returns the trainer's metric records.
+
+    overrides: further `DPOConfig` fields (e.g. nll_weight), for experiments beyond the demo's settings.
+    """
     from .config import DPOConfig
     from .trainer import DPOTrainer
 
@@ -210,12 +214,13 @@ def write_chart(path: str, before: dict, after: dict, dpo_history: list[dict[str
     ax_bar, ax_loss, ax_acc = fig.subplots(1, 3)
     names = ["greedy accuracy", "reward accuracy"]
     xs = range(len(names))
-    ax_bar.bar([x - 0.2 for x in xs], [before["accuracy"], before["reward_accuracy"]], width=0.4, label="before DPO")
-    ax_bar.bar([x + 0.2 for x in xs], [after["accuracy"], after["reward_accuracy"]], width=0.4, label="after DPO")
+    for offset, label, m in ((-0.2, "before DPO", before), (0.2, "after DPO", after)):
+        bars = ax_bar.bar([x + offset for x in xs], [m["accuracy"], m["reward_accuracy"]], width=0.4, label=label)
+        ax_bar.bar_label(bars, fmt="{:.0%}", fontsize=8)
     ax_bar.set_xticks(list(xs), names)
-    ax_bar.set_ylim(0, 1.05)
+    ax_bar.set_ylim(0, 1.3)
     ax_bar.set_title("held-out prompts")
-    ax_bar.legend(loc="upper left")
+    ax_bar.legend(loc="upper center", ncol=2)
     train = [r for r in dpo_history if "loss" in r]
     steps = [r["step"] for r in train]
     ax_loss.plot(steps, [r["loss"] for r in train], marker=".")
