@@ -224,6 +224,12 @@ def pad_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
 # ---------------------------------------------------------------------------------------------------------
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return torch.device("cpu") if first is None else first.device
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 12, greedy: bool = True,
                  generator: torch.Generator | None = None, batch_size: int = 256) -> list[list[int]]:
@@ -236,6 +242,7 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: in
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     was_training = model.training
     model.eval()
+    device = model_device(model)
     eos = tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
@@ -250,7 +257,8 @@ def generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: in
                 start = seq.shape[1]
                 done = torch.zeros(len(rows), dtype=torch.bool)
                 for _ in range(max_new_tokens):
-                    logits = model(input_ids=seq).logits[:, -1, :].float()
+                    # Sequences stay on the CPU (so does the generator); the forward runs on the model's device.
+                    logits = model(input_ids=seq.to(device)).logits[:, -1, :].float().cpu()
                     if greedy:
                         nxt = logits.argmax(-1)
                     else:
@@ -286,8 +294,8 @@ def exact_match_accuracy(prompts: Sequence[str], completions: Sequence[str]) -> 
 
 @torch.no_grad()
 def token_logps(model, input_ids: Tensor, labels: Tensor) -> Tensor:
-    """[R, T] -> [R, T] float32 log-probs of the labels under `model` (0 where the label is ignored)."""
-    logits = model(input_ids=input_ids).logits.float()
+    """[R, T] -> [R, T] float32 log-probs of the labels under `model` (0 where the label is ignored), on the CPU."""
+    logits = model(input_ids=input_ids.to(model_device(model))).logits.float().cpu()
     mask = labels != IGNORE_INDEX
     picked = torch.log_softmax(logits, -1).gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
     return picked * mask
