@@ -23,6 +23,11 @@ training; on the CPU `benchmarks.common.peak_extra_bytes` (the profiler's alloca
 construction and `--memory-steps` steps of a second, untimed run. Each contender runs in its own process
 so that neither memory nor patched model classes leak from one to the next.
 
+On the CPU each contender runs on one torch thread unless --threads says otherwise: the development machine
+has 2 cores shared with other jobs, and with 2 threads a descheduled worker thread stalls every op, which
+made the same contender 2-7x slower from one run to the next; on one thread wall time tracks CPU time.
+Process CPU seconds are reported beside the wall clock (pairs/CPU-s) for the same reason.
+
     python benchmarks/bench_e2e.py --profile long --steps 20
     python benchmarks/bench_e2e.py --profile short --device cuda --length-search   # 1B Llama, bf16
 
@@ -699,7 +704,7 @@ def _settings(
         beta=args.beta,
         seed=args.seed,
         max_length=prep["longest_pair"],
-        threads=args.threads or torch.get_num_threads(),
+        threads=args.threads,
         memory_steps=args.memory_steps,
         model_dir=str(model_dir or work / "model"),
         tokenizer_dir=str(work / "tokenizer"),
@@ -778,7 +783,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "num_params": prep["num_params"],
             "bf16": device.type == "cuda",
             "memory_steps": args.memory_steps,
-            "threads": args.threads or torch.get_num_threads(),
+            "threads": args.threads,
             "isolation": "inline" if args.inline else "process per contender",
         },
         "command": "python benchmarks/bench_e2e.py " + " ".join(args.argv),
@@ -824,7 +829,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=0, help="override the preset's hidden size")
     p.add_argument("--layers", type=int, default=0, help="override the preset's layer count")
     p.add_argument("--vocab-size", type=int, default=0, help="override the preset's vocabulary size")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per contender; 0 = torch's default")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per contender; 0 = 1 on the CPU (see the docstring), torch's default on CUDA",
+    )
     p.add_argument(
         "--memory-steps", type=int, default=2, help="CPU: steps of the profiled memory run; 0 = skip"
     )
@@ -847,6 +857,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--contenders: unknown {', '.join(unknown)}; expected a subset of {', '.join(CONTENDERS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if not args.threads:
+        args.threads = 1 if args.device == "cpu" else torch.get_num_threads()
     if not args.vocab_size:
         args.vocab_size = MODEL_PRESETS[args.device]["vocab_size"]
     return args
