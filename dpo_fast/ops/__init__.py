@@ -35,16 +35,17 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
 # V=32000, sigmoid loss, 4096 tokens in all unless fewer pairs fit; process CPU seconds for forward +
 # backward, median of 3 interleaved runs (`benchmarks/bench_loss.py` has the full comparison):
 #   scored tokens per pair   naive   recompute   one-pass (1 buffer)   one-pass (2 buffers)
-#   1024 (4 pairs)            3.75     4.47          3.30                  3.37
-#    128 (16 pairs)           1.93     2.47          2.05                  2.19
-#     96 (21 pairs)           1.89     2.25          2.20                  2.38
-#     64 (32 pairs)           1.91     2.33          2.32                  2.59
-#     16 (64 pairs)           0.98     1.19          2.76                  3.68
+#   1024 (4 pairs)            3.72     4.51          3.12                  3.23
+#    128 (16 pairs)           1.82     2.34          1.93                  2.10
+#     96 (21 pairs)           1.88     2.31          2.12                  2.28
+#     64 (32 pairs)           1.89     2.38          2.21                  2.46
+#     16 (64 pairs)           0.95     1.16          2.67                  3.65
 # The one-pass schedule saves a quarter of the matmul flops but pays, per pair, a few passes over its
 # [V, H] scratch buffer(s) (the fold into dweight), so it needs enough tokens per pair to amortise them:
-# about 96 with one buffer, 128 with two. Its scratch also costs V*H*4 bytes per buffer beyond the
-# recompute schedule: with fewer scored tokens than the hidden size that outweighs the flops saved.
-ONE_PASS_MIN_TOKENS_PER_PAIR = {"one buffer": 96, "two buffers": 128}
+# 64 with one buffer; with two, 96 is a tie, so 128. Its scratch also costs V*H*4 bytes per buffer
+# beyond the recompute schedule: with fewer scored tokens than the hidden size that outweighs the
+# flops saved.
+ONE_PASS_MIN_TOKENS_PER_PAIR = {"one buffer": 64, "two buffers": 128}
 
 
 def one_pass_min_tokens_per_pair(config) -> int:
