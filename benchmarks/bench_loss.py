@@ -203,7 +203,8 @@ def roofline_ms(mode: str, args, rates: dict, elem_bytes: int) -> float:
 
 # --- driver --------------------------------------------------------------------------------------------
 
-def run_mode(mode: str, impls: dict[str, Callable[[], None]], device: torch.device, args) -> list[common.Record]:
+def run_mode(mode: str, impls: dict[str, Callable[[], None]], device: torch.device, args,
+             leaves: list[torch.Tensor]) -> list[common.Record]:
     records: dict[str, common.Record] = {}
     runnable: dict[str, Callable[[], None]] = {}
     for name, fn in impls.items():
@@ -232,6 +233,10 @@ def run_mode(mode: str, impls: dict[str, Callable[[], None]], device: torch.devi
             records[name].extra["median_cpu_ms"] = round(common.median(cpu_times[name]), 2)
     if not args.no_memory:
         for name, fn in runnable.items():
+            # Gradients left by the previous run would be freed inside the measured call: on CUDA that
+            # would hide their size from the peak.
+            for leaf in leaves:
+                leaf.grad = None
             peak, how = common.peak_extra_bytes(fn, device)
             records[name].peak_extra_mb = round(peak / common.MB, 1)
             records[name].extra["memory_method"] = how
@@ -338,11 +343,12 @@ def main(argv=None) -> int:
     inp = make_inputs(args, device, dtype)
     records: list[common.Record] = []
     if "linear" in args.modes:
-        records += run_mode("linear", linear_impls(inp, device, args.beta), device, args)
+        records += run_mode("linear", linear_impls(inp, device, args.beta), device, args,
+                            [inp["hidden"], inp["weight"]])
     if "fused" in args.modes:
         with torch.no_grad():
             logits = (inp["hidden"] @ inp["weight"].T).requires_grad_()
-        records += run_mode("fused", fused_impls(logits, inp, device, args.beta), device, args)
+        records += run_mode("fused", fused_impls(logits, inp, device, args.beta), device, args, [logits])
         del logits
     roofline = {mode: round(roofline_ms(mode, args, rates, elem), 2) for mode in args.modes}
     for rec in records:
