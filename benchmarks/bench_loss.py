@@ -244,6 +244,17 @@ def run_mode(mode: str, impls: dict[str, Callable[[], None]], device: torch.devi
     for rec in records.values():
         if base is not None and base.median_ms and rec.median_ms:
             rec.time_vs_naive = round(rec.median_ms / base.median_ms, 3)
+            # Runs interleave, so repeat r of each implementation saw about the same load: the median of
+            # the per-repeat ratios is steadier than the ratio of medians on a shared machine.
+            paired = [t / t0 for t, t0 in zip(rec.times_ms, base.times_ms)]
+            rec.extra["paired_time_vs_naive"] = round(common.median(paired), 3)
+            if "cpu_times_ms" in rec.extra and "cpu_times_ms" in base.extra:
+                rec.extra["cpu_time_vs_naive"] = round(
+                    rec.extra["median_cpu_ms"] / base.extra["median_cpu_ms"], 3)
+            note = f"paired time x{rec.extra['paired_time_vs_naive']:.2f}"
+            if "cpu_time_vs_naive" in rec.extra:
+                note += f", CPU time x{rec.extra['cpu_time_vs_naive']:.2f}"
+            rec.extra["note"] = note
         if base is not None and base.peak_extra_mb and rec.peak_extra_mb is not None:
             rec.memory_vs_naive = round(rec.peak_extra_mb / base.peak_extra_mb, 4)
         print(f"  {name_line(rec)}", flush=True)
@@ -362,6 +373,8 @@ def main(argv=None) -> int:
         "median ms: forward + backward wall time, median of the repeats (implementations interleaved within each "
         "repeat); median CPU ms: the process CPU time of the same runs (CPU only: on a shared machine the wall "
         "time also counts waiting for the cores).",
+        "time vs naive: ratio of the wall-time medians; the JSON also has paired_time_vs_naive (median of the "
+        "per-repeat ratios) and cpu_time_vs_naive (ratio of the CPU-time medians).",
         "peak extra MB: peak allocation during one forward + backward beyond the inputs (gradients included).",
         f"roofline: linear = 6*N*H*V flops at the measured matmul rate, fused = 3*N*V*{elem} bytes at the "
         "measured copy bandwidth; roofline_fraction (in the JSON) = roofline / median.",
