@@ -275,12 +275,12 @@ def test_hook_declines_other_backends():
 
 def test_hook_picks_one_pass_for_long_pairs_and_matches_reference():
     config = LossConfig(beta=0.3, loss_type="nca_pair")
-    per_seq = ops.one_pass_min_tokens_per_pair(config) // 2 + 9  # scored tokens per pair above the threshold
+    per_seq = torch_one_pass.min_tokens_per_pair(config) // 2 + 9  # scored tokens per pair above the threshold
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(13, "nca_pair", torch.float64, b=2, t=per_seq + 5,
                                                                fully_masked_row=False)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     flat = _FlatHidden(leaves[0], labels, None, IGNORE, weight.shape[0])
-    assert int((flat.labels != IGNORE).sum()) >= ops.one_pass_min_tokens_per_pair(config) * 2
+    assert int((flat.labels != IGNORE).sum()) >= torch_one_pass.min_tokens_per_pair(config) * 2
     out = ops.linear_dpo_loss_one_pass(config, flat, leaves[1], leaves[2], ref_c, ref_r, backend="torch")
     assert out is not None
     _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float64)
@@ -290,7 +290,7 @@ def test_hook_leaves_short_pairs_to_the_recompute_schedule():
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(14, "sigmoid", torch.float64, b=2, t=9)
     flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
     config = LossConfig(**kwargs)
-    assert int((flat.labels != IGNORE).sum()) < ops.one_pass_min_tokens_per_pair(config) * 2
+    assert int((flat.labels != IGNORE).sum()) < torch_one_pass.min_tokens_per_pair(config) * 2
     assert ops.linear_dpo_loss_one_pass(config, flat, weight, bias, ref_c, ref_r, backend="torch") is None
 
 

@@ -31,29 +31,6 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     return torch_logps.linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
 
 
-# When the one-pass schedule wins. Measured on the shared 2-core Xeon (AVX-512), 1 thread, fp32, H=512,
-# V=32000, sigmoid loss, 4096 tokens in all unless fewer pairs fit; process CPU seconds for forward +
-# backward, median of 3 interleaved runs (`benchmarks/bench_loss.py` has the full comparison):
-#   scored tokens per pair   naive   recompute   one-pass (1 buffer)   one-pass (2 buffers)
-#   1024 (4 pairs)            3.72     4.51          3.12                  3.23
-#    128 (16 pairs)           1.82     2.34          1.93                  2.10
-#     96 (21 pairs)           1.88     2.31          2.12                  2.28
-#     64 (32 pairs)           1.89     2.38          2.21                  2.46
-#     16 (64 pairs)           0.95     1.16          2.67                  3.65
-# The one-pass schedule saves a quarter of the matmul flops but pays, per pair, a few passes over its
-# [V, H] scratch buffer(s) (the fold into dweight), so it needs enough tokens per pair to amortise them:
-# 64 with one buffer; with two, 96 is a tie, so 128. Its scratch also costs V*H*4 bytes per buffer
-# beyond the recompute schedule: with fewer scored tokens than the hidden size that outweighs the
-# flops saved.
-ONE_PASS_MIN_TOKENS_PER_PAIR = {"one buffer": 64, "two buffers": 128}
-
-
-def one_pass_min_tokens_per_pair(config) -> int:
-    from .torch_one_pass import single_buffer_applies
-
-    return ONE_PASS_MIN_TOKENS_PER_PAIR["one buffer" if single_buffer_applies(config) else "two buffers"]
-
-
 def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_rejected_logps, *, backend: str):
     """The materialise-a-chunk schedule (6·N·H·V flops) where it applies and wins, else None.
 
@@ -63,12 +40,26 @@ def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_r
 
     if backend != "torch" or config.loss_type not in PAIR_SEPARABLE:
         return None
-    b = flat.num_sequences // 2
-    scored = int((flat.labels != flat.ignore_index).sum())
-    if scored < one_pass_min_tokens_per_pair(config) * b or scored < weight.shape[1]:
-        return None
     from ..validation import check_ref
     from . import torch_one_pass
+
+    # When the one-pass schedule wins. Measured on the shared 2-core Xeon (AVX-512), 1 thread, fp32, H=512,
+    # V=32000, sigmoid loss, 4096 tokens in all unless fewer pairs fit; process CPU seconds for forward +
+    # backward, median of 3 interleaved runs (`benchmarks/bench_loss.py` has the full comparison):
+    #   scored tokens per pair   naive   recompute   one-pass (1 buffer)   one-pass (2 buffers)
+    #   1024 (4 pairs)            3.72     4.51          3.12                  3.23
+    #    128 (16 pairs)           1.82     2.34          1.93                  2.10
+    #     96 (21 pairs)           1.88     2.31          2.12                  2.28
+    #     64 (32 pairs)           1.89     2.38          2.21                  2.46
+    #     16 (64 pairs)           0.95     1.16          2.67                  3.65
+    # The one-pass schedule saves a quarter of the matmul flops but pays, per pair, a few passes over its
+    # [V, H] scratch buffer(s) (the fold into dweight), so it needs enough tokens per pair to amortise them:
+    # 64 with one buffer; with two, 96 is a tie, so 128. And with fewer scored tokens than the hidden
+    # size, its [V, H] float32 scratch would be larger than the full [N, V] logits it exists to avoid.
+    b = flat.num_sequences // 2
+    scored = int((flat.labels != flat.ignore_index).sum())
+    if scored < torch_one_pass.min_tokens_per_pair(config) * b or scored < weight.shape[1]:
+        return None
 
     check_ref("ref_chosen_logps", ref_chosen_logps, b, flat.values.device)
     check_ref("ref_rejected_logps", ref_rejected_logps, b, flat.values.device)

@@ -43,6 +43,15 @@ def single_buffer_applies(config: LossConfig) -> bool:
     return config.loss_type in _DELTA_ONLY and config.nll_weight == 0
 
 
+# Scored tokens per pair from which this schedule beats the recompute one (measured on the CPU: see
+# `dpo_fast.ops.linear_dpo_loss_one_pass`, which applies the rule).
+MIN_TOKENS_PER_PAIR = {"one buffer": 64, "two buffers": 128}
+
+
+def min_tokens_per_pair(config: LossConfig) -> int:
+    return MIN_TOKENS_PER_PAIR["one buffer" if single_buffer_applies(config) else "two buffers"]
+
+
 class _PairGrads:
     """Per-pair dL_i/dlogp_c and dL_i/dlogp_r from the [1]-sized pair loss, by torch autograd."""
 
