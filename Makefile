@@ -18,7 +18,7 @@ endif
 PROFILE    ?= long
 STEPS      ?= 8
 
-.PHONY: env test lint demo bench bench-loss bench-pack bench-e2e clean
+.PHONY: env test lint demo bench bench-loss bench-pack bench-e2e gpu-check clean
 
 env: $(STAMP)
 
@@ -50,6 +50,10 @@ bench-pack: $(STAMP)
 # End-to-end training throughput against TRL: `make bench-e2e PROFILE=short STEPS=8`.
 bench-e2e: $(STAMP)
 	$(PY) benchmarks/bench_e2e.py --profile $(PROFILE) --steps $(STEPS)
+
+# On a CUDA machine: GPU tests and the GPU benchmark tables, under 8 minutes (results also under $OUT).
+gpu-check: $(STAMP)
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info dpo_fast/_packing_cpp*.so

@@ -24,7 +24,9 @@ def _tile_logps(logits_f32: Tensor, labels: Tensor, valid: Tensor) -> tuple[Tens
 def _tile_grad(logits_f32: Tensor, labels: Tensor, valid: Tensor, lse: Tensor, g: Tensor) -> Tensor:
     """g * (onehot - softmax) for one tile, in float32; rows with invalid labels get 0."""
     g = torch.where(valid, g, 0.0)
-    grad = torch.exp(logits_f32 - lse.unsqueeze(-1)).mul_(-g.unsqueeze(-1))
+    # One temporary tile: the subtraction allocates it, exp and the scaling run in place (the input may
+    # be the caller's own float32 logits, so it is never written).
+    grad = (logits_f32 - lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))
     rows = valid.nonzero().squeeze(-1)
     grad[rows, labels[rows]] += g[rows]
     return grad
