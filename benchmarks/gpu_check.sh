@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One pass of the GPU checks on a CUDA machine, under 8 minutes, installing nothing heavy:
 #   1. the tests marked `gpu`, 2. the tests of the Triton ops (compiled, not interpreted),
-#   3. the loss benchmark on the GPU (bf16, 8 pairs x 1024 tokens, H=4096, V=128256).
+#   3. the loss benchmark on the GPU (bf16, 8 pairs x 1024 tokens, H=4096, V=128256),
+#   4. the end-to-end training benchmark against TRL (1B Llama config, bf16, long-prompt profile).
+# The limits add up to 8 minutes; the end-to-end run comes last so a slow start cannot cost the rest.
 # Results and logs go to benchmarks/results/ and, when $OUT is set, are copied into $OUT.
 #
 #   bash benchmarks/gpu_check.sh            # PY=python by default; .venv/bin/python when present
@@ -41,18 +43,21 @@ if ! "$PY" -c "import dpo_fast, dpo_fast.kernels" 2>/dev/null; then
 fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-step pytest_gpu 150 "$PY" -m pytest -q -m gpu tests
+step pytest_gpu 120 "$PY" -m pytest -q -m gpu tests
 triton_tests=(tests/test_triton*.py)
 if [ -e "${triton_tests[0]}" ]; then
-    step pytest_triton 120 "$PY" -m pytest -q "${triton_tests[@]}"
+    step pytest_triton 90 "$PY" -m pytest -q "${triton_tests[@]}"
 else
     echo "=== no tests/test_triton*.py found"; status=1
 fi
-step bench_loss 180 "$PY" benchmarks/bench_loss.py --device cuda
+step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda
+step bench_e2e 120 "$PY" benchmarks/bench_e2e.py --profile long --steps 4 --device cuda
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    cp -r benchmarks/results/loss-cuda.* "$LOG_DIR" "$OUT"/ 2>/dev/null || true
+    # The device tool brings back at most 8 files: the two tables as they are, everything in one archive.
+    cp benchmarks/results/loss-cuda.md benchmarks/results/e2e-long-cuda.md "$OUT"/ 2>/dev/null || true
+    tar czf "$OUT/gpu_check.tgz" "$LOG_DIR" benchmarks/results/*cuda* 2>/dev/null || true
     echo "=== copied results into $OUT"
 fi
 exit $status
