@@ -644,15 +644,7 @@ def _chart(payload: dict[str, Any], path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"DPO end-to-end, profile {payload['settings']['profile']} ({payload['device']})")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    common.save_figure(fig, path)
 
 
 def _loadavg() -> str:

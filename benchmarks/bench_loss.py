@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -293,15 +291,7 @@ def plot(records: list[common.Record], path: Path, title: str) -> None:
             ax.set_title(f"{mode} mode: {label}", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    common.save_figure(fig, path)
 
 
 def parse_args(argv=None):

@@ -9,7 +9,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import tiny_model  # noqa: E402
@@ -18,15 +17,6 @@ from tiny_tokenizer import make_tokenizer  # noqa: E402
 from dpo_fast import cli  # noqa: E402
 from dpo_fast.config import DPOConfig  # noqa: E402
 from dpo_fast.metrics import read_metrics  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and spin when the cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
