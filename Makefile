@@ -18,7 +18,7 @@ endif
 PROFILE    ?= long
 STEPS      ?= 8
 
-.PHONY: env test lint demo bench bench-loss bench-pack bench-e2e gpu-check clean
+.PHONY: env test lint demo bench bench-loss bench-pack bench-layouts bench-e2e gpu-check clean
 
 env: $(STAMP)
 
@@ -39,13 +39,16 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dpo-fast demo
 
-bench: bench-loss bench-pack bench-e2e
+bench: bench-loss bench-pack bench-layouts bench-e2e
 
 bench-loss: $(STAMP)
 	$(PY) benchmarks/bench_loss.py
 
 bench-pack: $(STAMP)
 	$(PY) benchmarks/bench_packing.py
+
+bench-layouts: $(STAMP)
+	$(PY) benchmarks/bench_layouts.py
 
 # End-to-end training throughput against TRL: `make bench-e2e PROFILE=short STEPS=8`.
 bench-e2e: $(STAMP)
