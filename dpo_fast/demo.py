@@ -317,6 +317,12 @@ def _run_demo(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
     reference = copy.deepcopy(model).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
+    # The SFT model and the held-out pairs on disk, so `dpo-fast score` / `rank` can compare the checkpoints
+    # before and after DPO on the same preference signal.
+    reference.save_pretrained(os.path.join(output_dir, "sft"))
+    tokenizer.save_pretrained(os.path.join(output_dir, "sft"))
+    held_out_path = os.path.join(output_dir, "heldout_pairs.jsonl")
+    _atomic_write_text(held_out_path, "".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in held_out_rows))
 
     phase("evaluating the SFT model on held-out prompts")
     before = evaluate(model, reference, tokenizer, splits.held_out, held_out_rows, settings)
@@ -343,7 +349,8 @@ def _run_demo(settings: DemoSettings, output_dir: str) -> dict[str, Any]:
     summary_path = os.path.join(output_dir, "summary.json")
     _atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     phase(f"done in {seconds:.0f}s; wrote {metrics_path}, {summary_path}"
-          + (f", {chart_path}" if chart_path else " (no chart: matplotlib missing)"))
+          + (f", {chart_path}" if chart_path else " (no chart: matplotlib missing)")
+          + f"; models in {output_dir}/sft and {output_dir}/dpo/final, held-out pairs in {held_out_path}")
     return summary
 
 

@@ -40,7 +40,7 @@ def build_tokenizer(chars: str = TASK_CHARS):
     Ids 0..3 are the special tokens (in `SPECIAL_TOKENS` order), then the distinct characters of
     `chars` in order. `encode(text, add_special_tokens=False)` gives one id per character.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -51,6 +51,10 @@ def build_tokenizer(chars: str = TASK_CHARS):
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     # Concatenate on decode: the default decoder would put spaces between the characters.
     core.decoder = decoders.Fuse()
+    # BOS first when special tokens are asked for, as the task's own encoding does (`encode_prompt`), so
+    # generic tokenization (`dpo_fast.tokenization`, `dpo-fast score/rank/train`) conditions the same way.
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A",
+                                                        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])])
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, unk_token=UNK_TOKEN,
     )

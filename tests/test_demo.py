@@ -1,5 +1,6 @@
 """The sorting preference task (tokenizer, verifier, mistakes, splits, eval helpers) and a smoke run of the demo."""
 
+import argparse
 import json
 import math
 import random
@@ -323,6 +324,28 @@ def test_demo_quick_run_writes_its_outputs(quick_run, capsys):
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_demo_outputs_feed_score_and_rank(quick_run):
+    """The saved SFT model, DPO model and held-out pairs reproduce the demo's own reward accuracy."""
+    from dpo_fast.commands import score
+
+    status, out = quick_run
+    assert status == 0
+    rows = [json.loads(line) for line in (out / "heldout_pairs.jsonl").read_text().splitlines()]
+    assert rows and all(tasks.verify(r["prompt"], r["chosen"]) and not tasks.verify(r["prompt"], r["rejected"])
+                        for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    parser = argparse.ArgumentParser()
+    score.add_arguments(parser)
+    args = parser.parse_args(["--model", str(out / "dpo" / "final"), "--ref-model", str(out / "sft"),
+                              "--data", str(out / "heldout_pairs.jsonl"), "--beta", str(summary["config"]["beta"]),
+                              "--max-length", "64", "--output", str(out / "scores.jsonl")])
+    assert score.run(args) == 0
+    scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    accuracy = sum(r["correct"] for r in scored) / len(scored)
+    assert len(scored) == len(rows)
+    assert accuracy == pytest.approx(summary["after"]["reward_accuracy"], abs=1e-9)
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):

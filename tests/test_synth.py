@@ -423,7 +423,7 @@ def test_command_encoding_picks_the_codec(tmp_path, model_dir, tokenizer, monkey
     status = _cli(["--model", str(model_dir), "--prompts", "demo", "--limit", "2", "--scorer", "length",
                    "--output", str(tmp_path / "o.jsonl"), *flags])
     assert status == 2 and type(seen["codec"]) is codec_class
-    expected = tasks.encode_prompt(tokenizer, "sort 1 2 3 =")  # BOS + characters
-    if codec_class is TextCodec:
-        expected = expected[1:]  # this tokenizer's post-processor adds no BOS (see tokenize_pair)
+    # BOS + characters either way: the task tokenizer's post-processor adds the BOS the task encoding adds.
+    expected = tasks.encode_prompt(tokenizer, "sort 1 2 3 =")
+    assert expected[0] == tokenizer.bos_token_id
     assert seen["codec"].encode_prompt("sort 1 2 3 =") == expected
