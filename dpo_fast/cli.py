@@ -38,10 +38,13 @@ class _FieldType:
             raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per DPOConfig field; absent flags leave no attribute (argparse.SUPPRESS)."""
-    group = parser.add_argument_group("training configuration (DPOConfig fields)")
+def add_config_arguments(parser: argparse.ArgumentParser, *, title: str = "training configuration (DPOConfig fields)",
+                         skip: frozenset[str] = frozenset()) -> None:
+    """One flag per DPOConfig field (but those in `skip`); absent flags leave no attribute (argparse.SUPPRESS)."""
+    group = parser.add_argument_group(title)
     for f in dataclasses.fields(DPOConfig):
+        if f.name in skip:
+            continue
         flags = ["--" + f.name.replace("_", "-")]
         if "_" in f.name:
             flags.append("--" + f.name)

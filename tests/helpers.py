@@ -37,3 +37,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"nan={int(torch.isnan(a).sum())}, inf={int(torch.isinf(a).sum())}; "
             f"max abs err {float((a - e).abs().max()):.3g}; first: {rows}"
         )
+
+
+def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor | float) -> None:
+    """|actual - expected| <= tol elementwise (tol broadcast; NaN fails), with the worst offenders named."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().double()
+    err = (actual - expected).abs()
+    tol = torch.as_tensor(tol, dtype=err.dtype, device=err.device)
+    bad = ~(err <= tol)
+    if bool(bad.any()):
+        idx = bad.nonzero()[:5].tolist()
+        lines = [f"{i}: got {actual[tuple(i)].item():.9g} expected {expected[tuple(i)].item():.9g} "
+                 f"tol {tol.expand_as(err)[tuple(i)].item():.3g}" for i in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements off, max err "
+                             f"{err.max().item():.3g}\n" + "\n".join(lines))

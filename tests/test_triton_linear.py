@@ -29,6 +29,7 @@ import dpo_fast  # noqa: E402
 from dpo_fast import reference  # noqa: E402
 from dpo_fast.ops import triton_linear  # noqa: E402
 from dpo_fast.ops.triton_linear import LinearBlocks  # noqa: E402
+from tests.helpers import assert_within  # noqa: E402
 
 IGNORE = -100
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,20 +43,6 @@ TOL = {
     torch.bfloat16: dict(logps_rtol=1e-5, logps_atol=1e-5, dot_eps=2.0**-8, out_eps=2.0**-8, sub=0.0),
     torch.float16: dict(logps_rtol=1e-5, logps_atol=1e-5, dot_eps=2.0**-11, out_eps=2.0**-10, sub=2.0**-24),
 }
-
-
-def _assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
-    """|actual - expected| <= tol elementwise, with the worst offenders in the message."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual = actual.detach().double()
-    err = (actual - expected).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bool(bad.any()):
-        idx = bad.nonzero()[:5].tolist()
-        lines = [f"{i}: got {actual[tuple(i)].item():.9g} expected {expected[tuple(i)].item():.9g} "
-                 f"tol {tol.expand_as(err)[tuple(i)].item():.3g}" for i in idx]
-        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements off, max err "
-                             f"{err.max().item():.3g}\n" + "\n".join(lines))
 
 
 def _inputs(n, h, v, dtype, *, bias=True, seed=0, ignore_rows=()):
@@ -90,7 +77,7 @@ def _check(hidden, weight, bias, labels, grad, dtype, **op_kwargs):
     expected.backward(grad.double())
 
     tol = TOL[dtype]
-    _assert_within("logps", out, expected.detach(), tol["logps_rtol"] * expected.detach().abs() + tol["logps_atol"])
+    assert_within("logps", out, expected.detach(), tol["logps_rtol"] * expected.detach().abs() + tol["logps_atol"])
     assert bool((out[labels == IGNORE] == 0).all()), "ignored tokens must give exactly 0"
 
     # |g * coef| per token and vocab entry, from the float64 softmax: the size of each gradient term.
@@ -117,13 +104,13 @@ def _check(hidden, weight, bias, labels, grad, dtype, **op_kwargs):
         assert p.grad.dtype == p.dtype
         # The output's own rounding: out_eps relative, or a subnormal ulp for tiny fp16 results.
         tol_out = tol["out_eps"] * r.grad.abs() + tol["sub"]
-        _assert_within(name, p.grad, r.grad, tol["dot_eps"] * terms + sub + tol_out)
+        assert_within(name, p.grad, r.grad, tol["dot_eps"] * terms + sub + tol_out)
     if bias is not None:
         # Tiles sum float32 terms; chunked sums the rounded [chunk, V] buffer (scaled as above).
         db_eps = tol["dot_eps"] if chunked else 16 * EPS32
         db_sub = tol["sub"] * chunk_scale * len(labels) if chunked else 0.0
         db_tol = db_eps * gcoef.sum(0) + db_sub + tol["out_eps"] * ref[2].grad.abs() + tol["sub"]
-        _assert_within("dbias", params[2].grad, ref[2].grad, db_tol)
+        assert_within("dbias", params[2].grad, ref[2].grad, db_tol)
     return params
 
 
@@ -200,7 +187,7 @@ def test_ignore_index_that_is_a_vocab_id():
                                            bias=bias.to(DEVICE), ignore_index=0)
     logits = hidden.double() @ weight.double().T + bias.double()
     expected = reference.token_logps(logits, labels, ignore_index=0)
-    _assert_within("logps", out.cpu(), expected, 1e-5 * expected.abs() + 1e-5)
+    assert_within("logps", out.cpu(), expected, 1e-5 * expected.abs() + 1e-5)
 
 
 def test_float64_inputs_run_in_float32():
@@ -223,10 +210,10 @@ def test_strided_hidden_and_partial_requires_grad():
     ref = [t.double().requires_grad_(True) for t in (hidden, bias)]
     expected = reference.token_logps(ref[0] @ weight.double().T + ref[1], labels, ignore_index=IGNORE)
     expected.backward(grad.double())
-    _assert_within("logps", out.cpu(), expected.detach(), 1e-5 * expected.detach().abs() + 1e-5)
+    assert_within("logps", out.cpu(), expected.detach(), 1e-5 * expected.detach().abs() + 1e-5)
     scale_h, scale_b = ref[0].grad.abs().max(), ref[1].grad.abs().max()
-    _assert_within("dhidden", h.grad.cpu(), ref[0].grad, 1e-5 * scale_h + 1e-5 * ref[0].grad.abs())
-    _assert_within("dbias", b.grad.cpu(), ref[1].grad, 1e-5 * scale_b + 1e-5 * ref[1].grad.abs())
+    assert_within("dhidden", h.grad.cpu(), ref[0].grad, 1e-5 * scale_h + 1e-5 * ref[0].grad.abs())
+    assert_within("dbias", b.grad.cpu(), ref[1].grad, 1e-5 * scale_b + 1e-5 * ref[1].grad.abs())
     assert w.grad is None
 
 
@@ -354,7 +341,7 @@ def test_linear_dpo_loss_triton_backend(dtype, loss_type, packed, with_ref_hidde
     # The loss is a smooth function of the log-probs, whose float32 tolerance is 1e-5 (see TOL).
     for name in ("losses", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
         e = getattr(exp, name).detach()
-        _assert_within(name, getattr(out, name).cpu(), e, 1e-5 * e.abs() + 1e-5)
+        assert_within(name, getattr(out, name).cpu(), e, 1e-5 * e.abs() + 1e-5)
     # Gradients: the loss scales the token coefficients, so the kernels' bound (TOL) applies relative to
     # the largest gradient entry of the tensor (dot terms are at most that size times the row's |coef| sum
     # of 2), plus the rounding of each output.
@@ -362,7 +349,7 @@ def test_linear_dpo_loss_triton_backend(dtype, loss_type, packed, with_ref_hidde
     for name, p, r in zip(("dhidden", "dweight", "dbias"), params, ref):
         scale = r.grad.abs().max()
         eps = 16 * EPS32 if name == "dbias" else tol["dot_eps"]
-        _assert_within(name, p.grad.cpu(), r.grad, 2 * eps * scale + tol["out_eps"] * r.grad.abs())
+        assert_within(name, p.grad.cpu(), r.grad, 2 * eps * scale + tol["out_eps"] * r.grad.abs())
 
 
 # ---------------------------------------------------------------- GPU code generation, without a GPU
@@ -480,10 +467,10 @@ def test_gpu_llama3_shape_bf16(schedule):
     assert peak <= grads_and_accumulators + chunked_extra + 64 * 2**20, f"peak {peak / 2**30:.2f} GiB"
 
     tol = TOL[torch.bfloat16]
-    _assert_within("logps", out.double(), exp_logps.double(), 1e-4 * exp_logps.double().abs() + 1e-4)
+    assert_within("logps", out.double(), exp_logps.double(), 1e-4 * exp_logps.double().abs() + 1e-4)
     for name, got, exp in (("dhidden", h_.grad, exp_dh), ("dweight", w_.grad, exp_dw)):
         e = exp.double()
-        _assert_within(name, got, e, 2 * tol["dot_eps"] * e.abs().max() + tol["out_eps"] * e.abs())
+        assert_within(name, got, e, 2 * tol["dot_eps"] * e.abs().max() + tol["out_eps"] * e.abs())
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 import dpo_fast  # noqa: E402
 from dpo_fast import reference  # noqa: E402
 from dpo_fast.ops import triton_logps  # noqa: E402
+from tests.helpers import assert_within  # noqa: E402
 
 IGNORE = -100
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,18 +40,6 @@ TOL = {
     torch.bfloat16: dict(logps_rtol=1e-5, logps_atol=1e-5, grad_rtol=torch.finfo(torch.bfloat16).eps),
     torch.float16: dict(logps_rtol=1e-5, logps_atol=1e-5, grad_rtol=torch.finfo(torch.float16).eps),
 }
-
-
-def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
-    """|actual - expected| <= tol elementwise (tol broadcast), with the worst offenders in the message."""
-    actual = actual.double()
-    err = (actual - expected).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bool(bad.any()):
-        idx = bad.nonzero()[:5].tolist()
-        lines = [f"{i}: got {actual[tuple(i)].item():.9g} expected {expected[tuple(i)].item():.9g} "
-                 f"tol {tol.expand_as(err)[tuple(i)].item():.3g}" for i in idx]
-        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements off\n" + "\n".join(lines))
 
 
 def _grad_tol(dtype: torch.dtype, expected: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -96,8 +85,8 @@ def _check_against_reference(logits, labels, g, block_v=None):
     assert out.dtype == torch.float32 and out.shape == labels.shape
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
     t = TOL[dtype]
-    _assert_close("logps", out, ref_out, t["logps_atol"] + t["logps_rtol"] * ref_out.abs())
-    _assert_close("dlogits", x.grad, ref_grad, _grad_tol(dtype, ref_grad, labels, g))
+    assert_within("logps", out, ref_out, t["logps_atol"] + t["logps_rtol"] * ref_out.abs())
+    assert_within("dlogits", x.grad, ref_grad, _grad_tol(dtype, ref_grad, labels, g))
 
 
 # (N, V, block_v): block_v=None is the production rule (one tile up to 4096 columns, else ragged tiles);
@@ -130,8 +119,8 @@ def test_ignored_rows_are_not_read():
     assert torch.equal(out[ignored], torch.zeros_like(out[ignored]))
     assert torch.equal(x.grad[ignored], torch.zeros_like(x.grad[ignored]))
     ref_out, ref_grad = _reference(logits[~ignored], labels[~ignored], g[~ignored])
-    _assert_close("logps", out[~ignored], ref_out, 1e-5 + 1e-5 * ref_out.abs())
-    _assert_close("dlogits", x.grad[~ignored], ref_grad,
+    assert_within("logps", out[~ignored], ref_out, 1e-5 + 1e-5 * ref_out.abs())
+    assert_within("dlogits", x.grad[~ignored], ref_grad,
                   _grad_tol(torch.float32, ref_grad, labels[~ignored], g[~ignored]))
 
 
@@ -156,8 +145,8 @@ def test_other_ignore_index_and_int32_labels():
     ref = reference.token_logps(xr, labels, ignore_index=0)
     ref.backward(g.double())
     assert torch.equal(out[labels == 0], torch.zeros_like(out[labels == 0]))
-    _assert_close("logps", out, ref.detach(), 1e-5 + 1e-5 * ref.detach().abs())
-    _assert_close("dlogits", x.grad, xr.grad, 1e-5 * xr.grad.abs() + 16 * EPS32 * g.abs().max().double())
+    assert_within("logps", out, ref.detach(), 1e-5 + 1e-5 * ref.detach().abs())
+    assert_within("dlogits", x.grad, xr.grad, 1e-5 * xr.grad.abs() + 16 * EPS32 * g.abs().max().double())
 
 
 @pytest.mark.parametrize("layout", ["row_stride", "vocab_stride"])
@@ -183,8 +172,8 @@ def test_large_offset_is_stable():
     ref_out, ref_grad = _reference(x, labels, g)
     # |lse| ~ 3000 costs float32 ulps of 3000 (2.4e-4) in lse, hence in logps and in p's relative error.
     lse_err = 8 * EPS32 * 3000
-    _assert_close("logps", out, ref_out, lse_err + 1e-5 * ref_out.abs())
-    _assert_close("dlogits", x.grad, ref_grad, 2 * lse_err * ref_grad.abs() + 16 * EPS32 * g.abs().double()[:, None])
+    assert_within("logps", out, ref_out, lse_err + 1e-5 * ref_out.abs())
+    assert_within("dlogits", x.grad, ref_grad, 2 * lse_err * ref_grad.abs() + 16 * EPS32 * g.abs().double()[:, None])
 
 
 def test_out_of_range_label_gives_nan_not_a_read():
@@ -233,7 +222,7 @@ def test_torch_compile_traces_without_graph_break():
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     compiled(x, labels).backward()
     ref_out, ref_grad = _reference(logits, labels, g)
-    _assert_close("dlogits", x.grad, ref_grad, _grad_tol(torch.float32, ref_grad, labels, g))
+    assert_within("dlogits", x.grad, ref_grad, _grad_tol(torch.float32, ref_grad, labels, g))
 
 
 _COMPILED_MODE_TRACE = """
@@ -303,8 +292,8 @@ def test_sequence_logps_api(dtype, average):
     (ref * w.double()).sum().backward()
     assert out.dtype == torch.float32
     # A sum of <= 13 token log-probs, each within 1e-5 relative of |lse| ~ 10.
-    _assert_close("sequence_logps", out, ref.detach(), 1e-4 + 1e-5 * ref.detach().abs())
-    _assert_close("dlogits", x.grad, xr.grad, _api_grad_tol(dtype, xr.grad))
+    assert_within("sequence_logps", out, ref.detach(), 1e-4 + 1e-5 * ref.detach().abs())
+    assert_within("dlogits", x.grad, xr.grad, _api_grad_tol(dtype, xr.grad))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -327,12 +316,12 @@ def test_fused_dpo_loss_api(dtype, loss_type, form):
     xr = inputs.double().requires_grad_()
     ref = reference.fused_dpo_loss(xr, lab, ref_c, ref_r, segment_ids=seg, **kwargs)
     ref.loss.backward()
-    _assert_close("chosen_logps", out.chosen_logps, ref.chosen_logps.detach(),
+    assert_within("chosen_logps", out.chosen_logps, ref.chosen_logps.detach(),
                   1e-4 + 1e-5 * ref.chosen_logps.detach().abs())
-    _assert_close("rejected_logps", out.rejected_logps, ref.rejected_logps.detach(),
+    assert_within("rejected_logps", out.rejected_logps, ref.rejected_logps.detach(),
                   1e-4 + 1e-5 * ref.rejected_logps.detach().abs())
-    _assert_close("loss", out.loss.detach(), ref.loss.detach(), 1e-5 + 1e-4 * ref.loss.detach().abs())
-    _assert_close("dlogits", x.grad, xr.grad, _api_grad_tol(dtype, xr.grad))
+    assert_within("loss", out.loss.detach(), ref.loss.detach(), 1e-5 + 1e-4 * ref.loss.detach().abs())
+    assert_within("dlogits", x.grad, xr.grad, _api_grad_tol(dtype, xr.grad))
 
 
 # ---- on a GPU, at real shapes ------------------------------------------------------------------------
@@ -355,8 +344,8 @@ def test_gpu_real_shapes(n, v, dtype):
     for s in range(0, n, 512):
         rows = slice(s, min(s + 512, n))
         ref_out, ref_grad = _reference(logits[rows], labels[rows], g[rows])
-        _assert_close("logps", out[rows], ref_out, t["logps_atol"] + t["logps_rtol"] * ref_out.abs())
-        _assert_close("dlogits", x.grad[rows], ref_grad, _grad_tol(dtype, ref_grad, labels[rows], g[rows]))
+        assert_within("logps", out[rows], ref_out, t["logps_atol"] + t["logps_rtol"] * ref_out.abs())
+        assert_within("dlogits", x.grad[rows], ref_grad, _grad_tol(dtype, ref_grad, labels[rows], g[rows]))
 
 
 @pytest.mark.gpu
@@ -373,8 +362,8 @@ def test_gpu_offsets_past_int32():
     rows = slice(n - 16, n)
     ref_out, ref_grad = _reference(logits[rows], labels[rows], g[rows])
     t = TOL[torch.bfloat16]
-    _assert_close("logps", out[rows], ref_out, t["logps_atol"] + t["logps_rtol"] * ref_out.abs())
-    _assert_close("dlogits", x.grad[rows], ref_grad, _grad_tol(torch.bfloat16, ref_grad, labels[rows], g[rows]))
+    assert_within("logps", out[rows], ref_out, t["logps_atol"] + t["logps_rtol"] * ref_out.abs())
+    assert_within("dlogits", x.grad[rows], ref_grad, _grad_tol(torch.bfloat16, ref_grad, labels[rows], g[rows]))
 
 
 @pytest.mark.gpu
@@ -388,4 +377,4 @@ def test_gpu_inductor_compiles_triton_op():
     x = logits.clone().requires_grad_()
     torch.compile(loss, fullgraph=True)(x, labels).backward()
     ref_out, ref_grad = _reference(logits, labels, g)
-    _assert_close("dlogits", x.grad, ref_grad, _grad_tol(torch.bfloat16, ref_grad, labels, g))
+    assert_within("dlogits", x.grad, ref_grad, _grad_tol(torch.bfloat16, ref_grad, labels, g))

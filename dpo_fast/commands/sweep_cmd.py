@@ -9,31 +9,17 @@ Training flags are the `DPOConfig` fields of `dpo-fast train` (beta and output_d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import sys
 
-from ..config import DPOConfig, coerce_field, field_type
+from ..cli import add_config_arguments
+from ..config import DPOConfig, coerce_field
 from ..sweep import KL_SAMPLES
 
 # DPOConfig fields the sweep sets itself: one beta per run, one output directory per run.
 _SWEEP_FIELDS = ("beta", "output_dir")
 DEFAULT_OUTPUT_DIR = os.path.join("runs", "sweep")
-
-
-class _FieldValue:
-    """argparse `type=` for a DPOConfig field, with the field's own coercion and error text."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.__name__ = field_type(name)
-
-    def __call__(self, text: str):
-        try:
-            return coerce_field(self.name, text, source="--" + self.name.replace("_", "-"))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,18 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-fraction", type=float, default=0.1,
                         help="Share of --data held out when --eval-data is not given (default 0.1).")
     parser.add_argument("--config", default=None, help="YAML file of DPOConfig fields; flags given here override it.")
-    group = parser.add_argument_group("training configuration of every run (DPOConfig fields)")
-    for f in dataclasses.fields(DPOConfig):
-        if f.name in _SWEEP_FIELDS:
-            continue
-        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        if field_type(f.name) == "bool":
-            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
-        else:
-            group.add_argument(*flags, dest=f.name, type=_FieldValue(f.name), default=argparse.SUPPRESS,
-                               metavar=f.name.upper(), help=help_text)
+    add_config_arguments(parser, title="training configuration of every run (DPOConfig fields)",
+                         skip=frozenset(_SWEEP_FIELDS))
 
 
 class _Usage(ValueError):
