@@ -32,21 +32,23 @@ class _Flat:
     """An input brought to the packed form: [N, D] values, [N] labels (ignored where not scored), [N] segments."""
 
     def __init__(self, values: Tensor, labels: Tensor, segment_ids: Tensor | None, ignore_index: int,
-                 name: str, paired: bool = True):
+                 name: str, *, vocab_size: int | None = None, paired: bool = True):
+        """vocab_size: the label range; None means the last dimension of `values` (logits)."""
         check_float(name, values)
+        vocab = values.shape[-1] if vocab_size is None else vocab_size
         if segment_ids is None:
             if values.dim() != 3:
                 raise ValueError(f"{name} must have shape [2B, T, D] (padded) or [N, D] with segment_ids (packed), "
                                  f"got {list(values.shape)}")
             rows, t = values.shape[:2]
-            check_labels("labels", labels, (rows, t), self._vocab(values), ignore_index, values.device)
+            check_labels("labels", labels, (rows, t), vocab, ignore_index, values.device)
             self.num_sequences = rows
             self.segment_ids = _padded_segments(labels, ignore_index)
         else:
             if values.dim() != 2:
                 raise ValueError(f"{name} must have shape [N, D] when segment_ids is given (packed form), "
                                  f"got {list(values.shape)}")
-            check_labels("labels", labels, (values.shape[0],), self._vocab(values), ignore_index, values.device)
+            check_labels("labels", labels, (values.shape[0],), vocab, ignore_index, values.device)
             self.num_sequences = check_segment_ids(segment_ids, values.shape[0], values.device, paired=paired)
             self.segment_ids = segment_ids.long()
         self.values = values.reshape(-1, values.shape[-1])
@@ -54,11 +56,6 @@ class _Flat:
         # Tokens outside any sequence are not scored, whatever their label says.
         self.labels = torch.where(self.segment_ids >= 0, flat_labels, ignore_index)
         self.ignore_index = ignore_index
-
-    vocab_size: int | None = None
-
-    def _vocab(self, values: Tensor) -> int:
-        return values.shape[-1] if self.vocab_size is None else self.vocab_size
 
     def sequence_sums(self, token_values: Tensor) -> Tensor:
         return _segment_sums(token_values, self.segment_ids, self.num_sequences)
@@ -77,8 +74,7 @@ class _FlatHidden(_Flat):
     """
 
     def __init__(self, hidden, labels, segment_ids, ignore_index, vocab_size, name="hidden", paired=True):
-        self.vocab_size = vocab_size
-        super().__init__(hidden, labels, segment_ids, ignore_index, name, paired)
+        super().__init__(hidden, labels, segment_ids, ignore_index, name, vocab_size=vocab_size, paired=paired)
         scored = self.labels != ignore_index
         self.rows = None
         if not bool(scored.all()):
