@@ -7,7 +7,8 @@ Modes:
 Implementations: naive (`dpo_fast.reference` with dtype=None: full logits and log_softmax in the
 input dtype, what TRL did before fusing), the torch backend (public function, and each schedule on
 its own: recompute, one-pass with one or two scratch buffers), the triton backend (CUDA only), and,
-when installed, Liger-Kernel's `LigerFusedLinearDPOLoss` and TRL's `selective_log_softmax` path.
+when installed, Liger-Kernel's `LigerFusedLinearDPOLoss`, TRL's `selective_log_softmax` path (full logits),
+and TRL 1.16's chunked fused lm_head (`trl.kernels.ChunkedLogProbFunction`, what its DPOTrainer runs).
 
     python benchmarks/bench_loss.py                 # CPU: fp32, 4 pairs x 512 tokens, H=512, V=32000
     python benchmarks/bench_loss.py --device cuda   # bf16, 8 pairs x 1024, H=4096, V=128256
@@ -110,7 +111,31 @@ def linear_impls(inp: dict, device: torch.device, beta: float) -> dict[str, Call
             dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
     impls["liger LigerFusedLinearDPOLoss"] = _liger_linear(h, w, y, beta)
     impls["trl selective_log_softmax"] = _trl_linear(h, w, y, rc, rr, beta)
+    impls["trl 1.16 chunked lm_head"] = _trl_chunked_linear(h, w, y, rc, rr, beta)
     return impls
+
+
+def _trl_chunked_linear(h, w, y, rc, rr, beta) -> Callable[[], None]:
+    """TRL 1.16's fused lm_head (`add_fused_lm_head`): its chunked log-prob Function over scored tokens, with
+    the chunk size its DPOTrainer uses, then the sigmoid loss on the sequence sums."""
+    def run():
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+        except ImportError as e:
+            raise Skip("trl >= 1.16 not installed (pip install 'trl>=1.16')") from e
+        rows, t, hidden_size = h.shape
+        mask = y != IGNORE
+        flat_mask = mask.reshape(-1)
+        scored_h = h.reshape(-1, hidden_size)[flat_mask]
+        out = ChunkedLogProbFunction.apply(scored_h, w, None, y.reshape(-1)[flat_mask], 1.0,
+                                           _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))
+        tok = out[0].new_zeros(rows * t).masked_scatter(flat_mask, out[0])
+        seq = tok.view(rows, t).sum(-1)
+        b = rows // 2
+        delta = (seq[:b] - rc) - (seq[b:] - rr)
+        _backward(-torch.nn.functional.logsigmoid(beta * delta).mean(), h, w)
+    return run
 
 
 def _liger_linear(h, w, y, beta) -> Callable[[], None]:
