@@ -131,6 +131,9 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         raise ValueError(f"weight must have shape [V, {hidden.shape[-1]}] (vocab x hidden), got {list(weight.shape)}")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}: pass both in the lm_head's dtype "
+                        "(under autocast, cast the hidden states to it)")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
 

@@ -221,6 +221,8 @@ def test_bad_input_linear():
         dpo_fast.linear_dpo_loss(hidden, torch.randn(10, 8), labels, bias=torch.randn(9))
     with pytest.raises(ValueError, match=r"ref_chosen_logps must have shape \[1\]"):
         dpo_fast.linear_dpo_loss(hidden, torch.randn(10, 8), labels, torch.randn(2), torch.randn(2))
+    with pytest.raises(TypeError, match="weight is torch.bfloat16 but hidden is torch.float32"):
+        dpo_fast.linear_dpo_loss(hidden, torch.randn(10, 8).bfloat16(), labels)
     with pytest.raises(ValueError, match=r"labels\[1, 2\] = 10"):
         bad = labels.clone()
         bad[1, 2] = 10

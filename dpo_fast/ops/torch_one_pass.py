@@ -178,7 +178,7 @@ class TorchOnePassLinearDPO(torch.autograd.Function):
                 k = -(mid - start) / (end - mid)
             # Unscaled dh rows of the pair: written straight into dhidden when it is float32 (scaled in place
             # once the pair's coefficients are known), else kept in a float32 buffer of the pair's size.
-            in_place = need_h and dhidden.dtype == acc
+            in_place = need_h and dhidden.dtype == acc and w_acc is not None
             dh_pair = torch.empty(end - start, hidden.shape[1], dtype=acc, device=device) \
                 if need_h and not in_place else None
             fresh = [True] * n_buffers  # the first addmm into a buffer overwrites it: no zeroing pass
