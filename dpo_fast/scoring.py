@@ -64,6 +64,7 @@ def output_head(model) -> OutputHead:
 def head_token_logps(hidden: Tensor, head: OutputHead, labels: Tensor, *, backend: str = "auto") -> Tensor:
     """[N, H] hidden, [N] labels -> [N] float32 log-probs of the labels under `head` (0 where ignored)."""
     chosen_backend = resolve_backend(backend, hidden.device)
+    hidden = hidden.to(head.weight.dtype)  # e.g. bf16 backbone output under autocast, float32 head
     if head.softcap is None:
         weight, bias = head.weight, head.bias
         if head.scale != 1.0:

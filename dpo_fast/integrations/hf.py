@@ -49,7 +49,8 @@ def _logps(model, inputs: dict, labels: Tensor, backend: str) -> tuple[Tensor, T
     add_hidden_state_forward(_unwrap(model))
     head = _unwrap(model).get_output_embeddings()
     model_kwargs = {k: v for k, v in inputs.items() if k not in _BATCH_KEYS}
-    hidden = last_hidden_state(model, model_kwargs)
+    # Under autocast the backbone's output may be bf16 while the head is float32: the head's dtype wins.
+    hidden = last_hidden_state(model, model_kwargs).to(head.weight.dtype)
     return linear_sequence_logps(hidden, head.weight, labels, bias=head.bias, backend=backend)
 
 

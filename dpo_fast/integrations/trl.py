@@ -63,7 +63,8 @@ def _check_supported(trainer) -> None:
 
 
 def _sequence_logps(model, lm_head, model_kwargs, labels):
-    hidden = last_hidden_state(model, model_kwargs)
+    # Under autocast the backbone's output may be bf16 while the head is float32: the head's dtype wins.
+    hidden = last_hidden_state(model, model_kwargs).to(lm_head.weight.dtype)
     return linear_sequence_logps(hidden, lm_head.weight, labels, bias=lm_head.bias)
 
 
