@@ -14,6 +14,7 @@ Contents:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -53,38 +54,35 @@ def fsync_tree(root: str) -> None:
 FILE_MODE = 0o644
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary path beside `path`; on success it is fsynced, made 0644 and renamed onto `path`.
 
-
-def atomic_torch_save(obj: Any, path: str) -> None:
+    A failure (or a crash) leaves `path` as it was: the temporary file is removed or stays hidden.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield tmp
         _fsync_path(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory and os.replace."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict[str, Any]:
