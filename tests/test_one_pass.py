@@ -172,6 +172,21 @@ def test_packed_float64_every_loss(loss_type):
                              torch.float64, segment_ids=seg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "nca_pair"])
+def test_interleaved_tokens(loss_type, dtype):
+    """Token rows in a random order: no run of a sequence's tokens is consecutive, so every tile and every
+    dh row goes through the gather/scatter path instead of the view path that consecutive rows take."""
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(7, loss_type, dtype, b=2, t=23)
+    packed_h, packed_l, seg = _to_packed(hidden, labels, seed=8)
+    perm = torch.randperm(packed_h.shape[0], generator=torch.Generator().manual_seed(9))
+    packed_h, packed_l, seg = packed_h[perm], packed_l[perm], seg[perm]
+    leaves = [t.clone().requires_grad_() for t in (packed_h, weight, bias)]
+    out = _one_pass(*leaves, packed_l, ref_c, ref_r, segment_ids=seg, chunk=4, **kwargs)
+    _check_against_reference(out, leaves, (packed_h, weight, bias, packed_l), ref_c, ref_r, kwargs, dtype,
+                             segment_ids=seg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "nca_pair", "simpo"])
 def test_low_precision_tolerance(loss_type, dtype):
