@@ -10,7 +10,8 @@ per-token log-sum-exp. Two backward schedules:
 - "chunked": a kernel writes `g * (onehot - softmax)` for a chunk of tokens and cuBLAS does the two
   products: 6·N·H·V backward flops (4 of them in cuBLAS) and a [chunk, V] buffer (<= 256 MiB).
 Either way, memory beyond inputs and gradients is a few [N] vectors plus float32 accumulators for the
-gradients of 16-bit hidden/weight ([N, H] and [V, H], the float32 [V, H] buffer the torch path keeps).
+gradients of 16-bit hidden/weight: [N, H], and for dweight a [group, H] buffer of at most
+WEIGHT_GROUP_BYTES in "tiles" (the vocabulary is done group by group), a whole [V, H] one in "chunked".
 
 The kernel launches are torch custom ops (`dpo_fast::linear_token_logps_fwd` / `_bwd`) with their
 autograd formula, so `torch.compile` traces them without a graph break: `triton_op` + `wrap_triton`
@@ -175,7 +176,8 @@ def _backward_impl(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | 
 
 def _backward_tiles(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias, common, *, v_splits,
                     chunk_tokens):
-    """All tl.dot: float32 accumulators for dhidden [N, H], dweight [V, H] and dbias [V]."""
+    """All tl.dot: float32 accumulators for dhidden [N, H] and dbias [V]; dweight in float32 for one vocab
+    group at a time (all of it for a float32 weight), rounded to the weight's dtype group by group."""
     n, v, hs = h.shape[0], w.shape[0], h.shape[1]
     block_n, block_v = common["BLOCK_N"], common["BLOCK_V"]
     acc_h = acc_w = acc_b = None
@@ -187,13 +189,36 @@ def _backward_tiles(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias
                 h, w, b, labels, lse, g, acc_h, n, v, hs, h.stride(0), w.stride(0), tiles_per_split, **common,
             )
     if need_weight or need_bias:
-        acc_w = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if need_weight else None
         acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
-        wrap_triton(_linear_logps_bwd_weight)[(triton.cdiv(v, block_v),)](
-            h, w, b, labels, lse, g, g if acc_w is None else acc_w, g if acc_b is None else acc_b,
-            n, v, hs, h.stride(0), w.stride(0), COMPUTE_WEIGHT=need_weight, COMPUTE_BIAS=need_bias, **common,
-        )
-    return acc_h, acc_w, acc_b
+        # A float32 weight's gradient is accumulated in place. A 16-bit one is the float32 sum over all
+        # tokens rounded once, as before, but the float32 rows exist for one vocab group at a time: a
+        # [group, H] buffer instead of a [V, H] one (Llama-3's head: 2.1 GB -> <= 277 MB).
+        in_place = w.dtype == torch.float32
+        dweight = buffer = None
+        rows = v
+        if need_weight:
+            dweight = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if in_place else \
+                torch.empty((v, hs), dtype=w.dtype, device=h.device)
+            if not in_place:
+                rows = weight_group_rows(v, hs, block_v, h.device)
+                buffer = torch.empty((rows, hs), dtype=torch.float32, device=h.device)
+        for first in range(0, v, rows):
+            last = min(first + rows, v)
+            acc_w = None
+            if need_weight:
+                acc_w = dweight[first:last] if in_place else buffer[: last - first].zero_()
+            # The group's slice of the head: labels are shifted so that the onehot compares group-local ids
+            # (a label outside the group matches no column; ignored tokens have g == 0 and are skipped).
+            wrap_triton(_linear_logps_bwd_weight)[(triton.cdiv(last - first, block_v),)](
+                h, w[first:last], b if b is w else b[first:last], labels if first == 0 else labels - first, lse, g,
+                g if acc_w is None else acc_w, g if acc_b is None else acc_b[first:last],
+                n, last - first, hs, h.stride(0), w.stride(0), COMPUTE_WEIGHT=need_weight, COMPUTE_BIAS=need_bias,
+                **common,
+            )
+            if need_weight and not in_place:
+                dweight[first:last].copy_(acc_w)
+        return acc_h, dweight, acc_b
+    return acc_h, None, None
 
 
 def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias, common, *, v_splits,
@@ -313,6 +338,22 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
     for field, size in zip(blocks._fields, blocks):
         if size < 16 or size & (size - 1):
             raise ValueError(f"blocks.{field} must be a power of two >= 16 (tl.dot's smallest tile), got {size}")
+
+
+# Bytes of the float32 buffer in which the "tiles" schedule sums a 16-bit dweight, one vocab group at a
+# time (one launch of the weight kernel per group). Untimed on a GPU: the group also keeps at least one
+# program per SM (see weight_group_rows), so a launch fills the device as the single [V, H] launch did.
+WEIGHT_GROUP_BYTES = 2**28
+
+
+def weight_group_rows(vocab_size: int, hidden_size: int, block_v: int, device: torch.device) -> int:
+    """Vocab rows per group of the weight kernel: WEIGHT_GROUP_BYTES of float32 rows, a multiple of
+    block_v, and on CUDA at least one vocab tile per SM."""
+    rows = max(block_v, WEIGHT_GROUP_BYTES // (4 * hidden_size) // block_v * block_v)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        rows = max(rows, _num_sms(index) * block_v)
+    return min(rows, vocab_size)
 
 
 SCHEDULES = ("tiles", "chunked")
