@@ -149,13 +149,15 @@ def test_chunked_schedule_in_vocab_pieces(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_tiles_schedule_in_vocab_groups(monkeypatch, dtype):
-    # dweight summed in float32 one 32-row vocab group at a time: 4 groups of 2 vocab tiles, the last
-    # one ragged (123 = 3 * 32 + 27); the bias gradient and the onehot must use group-local ids.
+@pytest.mark.parametrize("schedule", ["tiles", "chunked"])
+def test_vocab_groups(monkeypatch, schedule, dtype):
+    # A 16-bit dweight summed in float32 one 32-row vocab group at a time: 4 groups of 2 vocab tiles,
+    # the last one ragged (123 = 3 * 32 + 27); the bias gradient and the onehot must use group-local
+    # ids, and (chunked) dhidden sums the groups' products. float32 weights take the ungrouped path.
     monkeypatch.setattr(triton_linear, "WEIGHT_GROUP_BYTES", 4 * 16 * 32)
     assert triton_linear.weight_group_rows(123, 16, 16, torch.device("cpu")) == 32
     tensors = _inputs(40, 16, 123, dtype, bias=True, seed=17, ignore_rows=range(3, 9))
-    _check(*tensors, dtype, blocks=LinearBlocks(16, 16, 16), schedule="tiles")
+    _check(*tensors, dtype, blocks=LinearBlocks(16, 16, 16), schedule=schedule, chunk_tokens=16)
 
 
 @pytest.mark.parametrize("schedule", ["tiles", "chunked"])

@@ -11,7 +11,7 @@ per-token log-sum-exp. Two backward schedules:
   products: 6·N·H·V backward flops (4 of them in cuBLAS) and a [chunk, V] buffer (<= 256 MiB).
 Either way, memory beyond inputs and gradients is a few [N] vectors plus float32 accumulators for the
 gradients of 16-bit hidden/weight: [N, H], and for dweight a [group, H] buffer of at most
-WEIGHT_GROUP_BYTES in "tiles" (the vocabulary is done group by group), a whole [V, H] one in "chunked".
+WEIGHT_GROUP_BYTES (the vocabulary is done group by group).
 
 The kernel launches are torch custom ops (`dpo_fast::linear_token_logps_fwd` / `_bwd`) with their
 autograd formula, so `torch.compile` traces them without a graph break: `triton_op` + `wrap_triton`
@@ -226,40 +226,72 @@ def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bi
     """A Triton kernel writes `g * (onehot - softmax)` for `chunk_tokens` tokens at a time, in the input
     dtype and divided by a power of two bounding the chunk's |g|; cuBLAS does the two products.
 
-    dhidden's chunk is one matmul into its rows (float32 accumulation inside cuBLAS). dweight adds one
-    matmul per chunk into a float32 buffer, each rounded to the input dtype first: a second rounding of
-    at most half an ulp per chunk, the price of tensor-core products. fp16 runs that product in float32,
-    since a chunk's sum over tokens of |hidden| can pass fp16's 65504.
+    dweight adds one matmul per chunk into a float32 buffer, each rounded to the input dtype first: a
+    second rounding of at most half an ulp per chunk, the price of tensor-core products. fp16 runs that
+    product in float32, since a chunk's sum over tokens of |hidden| can pass fp16's 65504.
+
+    As in "tiles", a 16-bit dweight's float32 rows exist for one vocab group at a time (the outer loop;
+    the token chunks run inside it, so the logits are still computed once). dhidden is then a sum over
+    the groups' products, each rounded to the input dtype, in a float32 [N, H] buffer; with a single
+    group (a float32 weight, or no dweight asked for) each chunk's rows are one product written once.
     """
     n, v, hs = h.shape[0], w.shape[0], h.shape[1]
     block_n, block_v = common["BLOCK_N"], common["BLOCK_V"]
-    acc_h = torch.empty((n, hs), dtype=h.dtype, device=h.device) if need_hidden else None
-    acc_w = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if need_weight else None
+    weight_in_place = w.dtype == torch.float32
+    rows = weight_group_rows(v, hs, block_v, h.device) if need_weight and not weight_in_place else v
+    grouped = rows < v
+    acc_h = None
+    if need_hidden:
+        acc_h = torch.zeros((n, hs), dtype=torch.float32, device=h.device) if grouped else \
+            torch.empty((n, hs), dtype=h.dtype, device=h.device)
+    dweight = buffer = None
+    if need_weight:
+        dweight = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if weight_in_place else \
+            torch.empty((v, hs), dtype=w.dtype, device=h.device)
+        if not weight_in_place:
+            buffer = torch.empty((rows, hs), dtype=torch.float32, device=h.device)
     acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
-    dlogits = torch.empty((min(chunk_tokens, n), v), dtype=h.dtype, device=h.device)
+    # One flat buffer viewed as [chunk, group columns]: the kernel writes contiguous rows.
+    dlogits_flat = torch.empty(min(chunk_tokens, n) * rows, dtype=h.dtype, device=h.device)
     product_dtype = torch.float32 if h.dtype == torch.float16 else h.dtype
     piece_rows = max(1, PRODUCT_PIECE_ELEMENTS // hs)
+    chunks = []
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
-        d = dlogits[: e - s]
         # 2^ceil(log2 max|g|): dividing and multiplying by it are exact, and |d| <= 1 (no fp16 underflow).
         bound = g[s:e].abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-        scale = torch.exp2(torch.ceil(torch.log2(bound))).reshape(1)
-        wrap_triton(_linear_logps_bwd_dlogits)[(triton.cdiv(e - s, block_n), triton.cdiv(v, block_v))](
-            h[s:e], w, b, labels[s:e], lse[s:e], g[s:e], scale, d, e - s, v, hs, h.stride(0), w.stride(0), **common,
-        )
-        if need_hidden:
-            # The rescale in float32: exact, where scale itself may not exist in fp16.
-            acc_h[s:e] = torch.mm(d, w).float().mul_(scale)
+        chunks.append((s, e, torch.exp2(torch.ceil(torch.log2(bound))).reshape(1)))
+    for first in range(0, v, rows):
+        last = min(first + rows, v)
+        cols = last - first
+        w_group = w[first:last]
+        labels_group = labels if first == 0 else labels - first  # group-local ids for the onehot
+        acc_w = None
         if need_weight:
-            h_chunk = h[s:e].to(product_dtype)
-            # In row pieces of the vocabulary: the product's temporaries stay small (not [V, H] twice).
-            for r in range(0, v, piece_rows):
-                part = torch.mm(d[:, r:r + piece_rows].T.to(product_dtype), h_chunk)
-                acc_w[r:r + piece_rows].add_(part.float().mul_(scale))
-        if need_bias:
-            acc_b.add_(d.sum(dim=0, dtype=torch.float32).mul_(scale))
-    return acc_h, acc_w, acc_b
+            acc_w = dweight[first:last] if weight_in_place else buffer[:cols].zero_()
+        for s, e, scale in chunks:
+            d = dlogits_flat[: (e - s) * cols].view(e - s, cols)
+            wrap_triton(_linear_logps_bwd_dlogits)[(triton.cdiv(e - s, block_n), triton.cdiv(cols, block_v))](
+                h[s:e], w_group, b if b is w else b[first:last], labels_group[s:e], lse[s:e], g[s:e], scale, d,
+                e - s, cols, hs, h.stride(0), w.stride(0), **common,
+            )
+            if need_hidden:
+                # The rescale in float32: exact, where scale itself may not exist in fp16.
+                if grouped:
+                    acc_h[s:e].add_(torch.mm(d, w_group).float().mul_(scale))
+                else:
+                    acc_h[s:e] = torch.mm(d, w_group).float().mul_(scale)
+            if need_weight:
+                h_chunk = h[s:e].to(product_dtype)
+                # In row pieces of the vocabulary: the product's temporaries stay small (not [V, H] twice).
+                for r in range(0, cols, piece_rows):
+                    part = torch.mm(d[:, r:r + piece_rows].T.to(product_dtype), h_chunk)
+                    acc_w[r:r + piece_rows].add_(part.float().mul_(scale))
+            if need_bias:
+                acc_b[first:last].add_(d.sum(dim=0, dtype=torch.float32).mul_(scale))
+        if need_weight and not weight_in_place:
+            dweight[first:last].copy_(acc_w)
+    return acc_h, dweight, acc_b
 
 
 if _COMPILED:
@@ -340,9 +372,9 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor |
             raise ValueError(f"blocks.{field} must be a power of two >= 16 (tl.dot's smallest tile), got {size}")
 
 
-# Bytes of the float32 buffer in which the "tiles" schedule sums a 16-bit dweight, one vocab group at a
-# time (one launch of the weight kernel per group). Untimed on a GPU: the group also keeps at least one
-# program per SM (see weight_group_rows), so a launch fills the device as the single [V, H] launch did.
+# Bytes of the float32 buffer in which both schedules sum a 16-bit dweight, one vocab group at a time
+# (one launch of the weight kernel, or one pass over the token chunks, per group). Untimed on a GPU: a
+# group also keeps at least one program per SM (see weight_group_rows), so a launch fills the device.
 WEIGHT_GROUP_BYTES = 2**28
 
 
