@@ -109,10 +109,28 @@ def linear_impls(inp: dict, device: torch.device, beta: float) -> dict[str, Call
     if device.type == "cuda":
         impls["triton"] = lambda: _backward(
             dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
+        from dpo_fast.ops import triton_linear
+
+        for schedule in triton_linear.SCHEDULES:  # both backwards, whichever is the default
+            impls[f"triton, {schedule} backward"] = _triton_with_schedule(h, w, y, rc, rr, beta, schedule)
     impls["liger LigerFusedLinearDPOLoss"] = _liger_linear(h, w, y, beta)
     impls["trl selective_log_softmax"] = _trl_linear(h, w, y, rc, rr, beta)
     impls["trl 1.16 chunked lm_head"] = _trl_chunked_linear(h, w, y, rc, rr, beta)
     return impls
+
+
+def _triton_with_schedule(h, w, y, rc, rr, beta, schedule: str) -> Callable[[], None]:
+    from dpo_fast.ops import triton_linear
+
+    def run():
+        default = triton_linear.DEFAULT_SCHEDULE
+        triton_linear.DEFAULT_SCHEDULE = schedule
+        try:
+            _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
+        finally:
+            triton_linear.DEFAULT_SCHEDULE = default
+
+    return run
 
 
 def _trl_chunked_linear(h, w, y, rc, rr, beta) -> Callable[[], None]:

@@ -160,6 +160,16 @@ def test_vocab_groups(monkeypatch, schedule, dtype):
     _check(*tensors, dtype, blocks=LinearBlocks(16, 16, 16), schedule=schedule, chunk_tokens=16)
 
 
+def test_default_schedule_is_read_at_each_call(monkeypatch):
+    # The benchmark times both backwards through the public API by setting DEFAULT_SCHEDULE.
+    tensors = _inputs(20, 16, 77, torch.bfloat16, seed=18)
+    monkeypatch.setattr(triton_linear, "DEFAULT_SCHEDULE", "chunked")
+    _check(*tensors, torch.bfloat16, blocks=LinearBlocks(16, 32, 16), chunk_tokens=8)
+    monkeypatch.setattr(triton_linear, "DEFAULT_SCHEDULE", "diagonal")
+    with pytest.raises(ValueError, match="schedule='diagonal' is not known"):
+        triton_linear.linear_token_logps(*tensors[:2], tensors[3])
+
+
 @pytest.mark.parametrize("schedule", ["tiles", "chunked"])
 def test_every_token_ignored_gives_zeros_and_zero_grads(schedule):
     hidden, weight, bias, labels, grad = _inputs(20, 16, 77, torch.float32, seed=5)

@@ -389,6 +389,9 @@ def weight_group_rows(vocab_size: int, hidden_size: int, block_v: int, device: t
 
 
 SCHEDULES = ("tiles", "chunked")
+# The backward `linear_token_logps` uses when none is named (the public API names none). "tiles" until a
+# GPU benchmark says otherwise: benchmarks/bench_loss.py times both on CUDA by setting this.
+DEFAULT_SCHEDULE = "tiles"
 # Elements of dweight per cuBLAS product of the chunked schedule: 64 MiB of float32 temporaries.
 PRODUCT_PIECE_ELEMENTS = 2**24
 
@@ -399,7 +402,7 @@ def default_chunk_tokens(vocab_size: int, itemsize: int, block_n: int) -> int:
 
 
 def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                       ignore_index: int = -100, schedule: str = "tiles", blocks: LinearBlocks | None = None,
+                       ignore_index: int = -100, schedule: str | None = None, blocks: LinearBlocks | None = None,
                        v_splits: int | None = None, chunk_tokens: int | None = None) -> Tensor:
     """Token log-probs of a linear head, differentiable in hidden, weight and bias.
 
@@ -411,9 +414,10 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
             not checked here (the public API does it): a label outside [0, V) gives NaN.
         blocks: tile shape (`LinearBlocks`); None picks `default_blocks`. Tests set small tiles to run
             the multi-tile paths on small shapes.
-        schedule: the backward. "tiles": all in tl.dot, memory bounded by a tile (8·N·H·V flops).
-            "chunked": Triton writes `g * (onehot - softmax)` for `chunk_tokens` tokens at a time and
-            cuBLAS does the two products (6·N·H·V flops, a [chunk, V] buffer in the input dtype).
+        schedule: the backward; None is DEFAULT_SCHEDULE. "tiles": all in tl.dot, memory bounded by a
+            tile (8·N·H·V flops). "chunked": Triton writes `g * (onehot - softmax)` for `chunk_tokens`
+            tokens at a time and cuBLAS does the two products (6·N·H·V flops, a [chunk, V] buffer in the
+            input dtype). Both keep a 16-bit dweight's float32 sums for one vocab group at a time.
             Which is faster on a given GPU is for a benchmark to say; neither has been timed yet.
         v_splits: vocab splits of the token-tile kernels; None picks `default_v_splits`.
         chunk_tokens: tokens per chunk of the "chunked" schedule; None picks `default_chunk_tokens`.
@@ -426,6 +430,8 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         v_splits = default_v_splits(hidden.shape[0], weight.shape[0], blocks, hidden.device)
     elif v_splits < 1:
         raise ValueError(f"v_splits must be >= 1, got {v_splits}")
+    if schedule is None:
+        schedule = DEFAULT_SCHEDULE
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not known; expected one of {', '.join(SCHEDULES)}")
     if schedule == "tiles":
