@@ -92,7 +92,7 @@ def _check(hidden, weight, bias, labels, grad, dtype, **op_kwargs):
         # A dot operand below fp16's smallest normal rounds to a multiple of 2^-24 times its scale,
         # whatever its own size. The scale: g itself (tiles, dhidden), the tile's largest |g| (tiles,
         # dweight), or a power of two below twice the chunk's largest |g| (chunked, every product).
-        chunked = op_kwargs.get("schedule") == "chunked"
+        chunked = (op_kwargs.get("schedule") or triton_linear.DEFAULT_SCHEDULE) == "chunked"
         chunk_scale = 2 * gscale.max()
         dh_sub = tol["sub"] * (chunk_scale if chunked else gscale[:, None]) * w64.sum(0)
         dw_sub = tol["sub"] * (chunk_scale if chunked else gscale.max()) * h64.sum(0)
