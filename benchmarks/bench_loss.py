@@ -113,6 +113,7 @@ def linear_impls(inp: dict, device: torch.device, beta: float) -> dict[str, Call
 
         for schedule in triton_linear.SCHEDULES:  # both backwards, whichever is the default
             impls[f"triton, {schedule} backward"] = _triton_with_schedule(h, w, y, rc, rr, beta, schedule)
+        impls["triton one-pass, pair chunks"] = _triton_pair_chunks(h, w, y, rc, rr, beta)
     impls["liger LigerFusedLinearDPOLoss"] = _liger_linear(h, w, y, beta)
     impls["trl selective_log_softmax"] = _trl_linear(h, w, y, rc, rr, beta)
     impls["trl 1.16 chunked lm_head"] = _trl_chunked_linear(h, w, y, rc, rr, beta)
@@ -129,6 +130,21 @@ def _triton_with_schedule(h, w, y, rc, rr, beta, schedule: str) -> Callable[[], 
             _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
         finally:
             triton_linear.DEFAULT_SCHEDULE = default
+
+    return run
+
+
+def _triton_pair_chunks(h, w, y, rc, rr, beta) -> Callable[[], None]:
+    """The opt-in cuBLAS pair-chunk schedule (dpo_fast/ops/triton_one_pass.py), through the public API."""
+    from dpo_fast.ops import triton_one_pass
+
+    def run():
+        enabled = triton_one_pass.ENABLED
+        triton_one_pass.ENABLED = True
+        try:
+            _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
+        finally:
+            triton_one_pass.ENABLED = enabled
 
     return run
 

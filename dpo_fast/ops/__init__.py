@@ -38,9 +38,27 @@ def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_r
     """
     from ..losses import PAIR_SEPARABLE
 
-    if backend != "torch" or config.loss_type not in PAIR_SEPARABLE:
+    if backend not in ("torch", "triton") or config.loss_type not in PAIR_SEPARABLE:
         return None
     from ..validation import check_ref
+
+    b = flat.num_sequences // 2
+    if backend == "triton":
+        # Whole pairs' logits through cuBLAS (6·N·H·V flops, all in cuBLAS) where enabled, a pair's logits
+        # fit its budget and the dtype is bf16/fp32; else the tile-bounded fused-linear kernels. Opt-in
+        # until timed on a GPU (benchmarks/bench_loss.py compares both on CUDA).
+        from . import triton_one_pass
+
+        if not triton_one_pass.ENABLED or not triton_one_pass.applies(
+                config, flat.values, weight, flat.labels, flat.segment_ids, flat.num_sequences, flat.ignore_index):
+            return None
+        check_ref("ref_chosen_logps", ref_chosen_logps, b, flat.values.device)
+        check_ref("ref_rejected_logps", ref_rejected_logps, b, flat.values.device)
+        return triton_one_pass.linear_dpo_loss_pair_chunks(
+            config, flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences,
+            flat.ignore_index, ref_chosen_logps, ref_rejected_logps,
+            flat.lengths() if config.needs_lengths else None,
+        )
     from . import torch_one_pass
 
     # When the one-pass schedule wins. Measured on the shared 2-core Xeon (AVX-512), 1 thread, fp32, H=512,
@@ -56,7 +74,6 @@ def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_r
     # [V, H] scratch buffer(s) (the fold into dweight), so it needs enough tokens per pair to amortise them:
     # 64 with one buffer; with two, 96 is a tie, so 128. And with fewer scored tokens than the hidden
     # size, its [V, H] float32 scratch would be larger than the full [N, V] logits it exists to avoid.
-    b = flat.num_sequences // 2
     scored = int((flat.labels != flat.ignore_index).sum())
     if scored < torch_one_pass.min_tokens_per_pair(config) * b or scored < weight.shape[1]:
         return None

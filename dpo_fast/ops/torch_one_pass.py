@@ -289,16 +289,21 @@ class TorchOnePassLinearDPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor | None):
-        if ctx.grads is None:
-            raise RuntimeError("backward ran twice through the one-pass DPO loss: its gradients are computed in the "
-                               "forward and handed over once (retain_graph=True is not supported); call the loss again")
-        grads = []
-        for g, dtype in zip(ctx.grads, ctx.dtypes):
-            # In place: these buffers are ours and handed over once, so no second [V, H] copy of dweight.
-            grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
-        # Freed now: a caller keeping `loss` alive for logging would otherwise keep them until the next step.
-        ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+        return (*hand_over_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None, None)
+
+
+def hand_over_grads(ctx, grad_loss: Tensor) -> list[Tensor | None]:
+    """The gradients a one-pass forward left in ctx.grads (hidden, weight, bias), scaled by grad_loss."""
+    if ctx.grads is None:
+        raise RuntimeError("backward ran twice through the one-pass DPO loss: its gradients are computed in the "
+                           "forward and handed over once (retain_graph=True is not supported); call the loss again")
+    grads = []
+    for g, dtype in zip(ctx.grads, ctx.dtypes):
+        # In place: these buffers are ours and handed over once, so no second [V, H] copy of dweight.
+        grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+    # Freed now: a caller keeping `loss` alive for logging would otherwise keep them until the next step.
+    ctx.grads = None
+    return grads
 
 
 def _scale_dh_rows_(dhidden: Tensor, dh_pair: Tensor | None, rows_of: _OrderedRows, labels: Tensor,
@@ -346,16 +351,9 @@ def linear_dpo_loss_one_pass(config: LossConfig, hidden: Tensor, weight: Tensor,
     0..B-1 chosen, B..2B-1 rejected. `lengths` [2B] scored-token counts (needed by the length-normalised
     losses and nll_weight). `single_buffer=None` uses one scratch buffer wherever it applies.
     """
-    if config.loss_type not in PAIR_SEPARABLE:
-        raise ValueError(f"loss_type={config.loss_type!r} is not pair-separable; the one-pass schedule needs "
-                         f"one of {', '.join(sorted(PAIR_SEPARABLE))}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    b = num_sequences // 2
-    # Validate the pair-level inputs once, up front, with the batch's row numbers in the messages
-    # (the per-pair calls in the loop would otherwise report row 0).
-    zeros = torch.zeros(b, dtype=torch.float32, device=hidden.device)
-    _batch_loss(config, torch.cat([zeros, zeros]), b, ref_chosen_logps, ref_rejected_logps, lengths)
+    check_pair_inputs(config, num_sequences // 2, ref_chosen_logps, ref_rejected_logps, lengths, hidden.device)
     if single_buffer is None:
         single_buffer = single_buffer_applies(config)
     elif single_buffer and not single_buffer_applies(config):
@@ -365,6 +363,24 @@ def linear_dpo_loss_one_pass(config: LossConfig, hidden: Tensor, weight: Tensor,
         hidden, weight, bias, labels, segment_ids, num_sequences, ignore_index, config,
         ref_chosen_logps, ref_rejected_logps, lengths, torch.is_grad_enabled(), chunk, single_buffer,
     )
+    return one_pass_output(config, loss, seq, ref_chosen_logps, ref_rejected_logps, lengths)
+
+
+def check_pair_inputs(config: LossConfig, num_pairs: int, ref_chosen_logps: Tensor | None,
+                      ref_rejected_logps: Tensor | None, lengths: Tensor | None, device: torch.device) -> None:
+    """Validates the pair-level inputs once, up front, with the batch's row numbers in the messages (the
+    per-pair or per-group loss calls of a one-pass schedule would otherwise report row 0)."""
+    if config.loss_type not in PAIR_SEPARABLE:
+        raise ValueError(f"loss_type={config.loss_type!r} is not pair-separable; the one-pass schedule needs "
+                         f"one of {', '.join(sorted(PAIR_SEPARABLE))}")
+    zeros = torch.zeros(num_pairs, dtype=torch.float32, device=device)
+    _batch_loss(config, torch.cat([zeros, zeros]), num_pairs, ref_chosen_logps, ref_rejected_logps, lengths)
+
+
+def one_pass_output(config: LossConfig, loss: Tensor, seq: Tensor, ref_chosen_logps: Tensor | None,
+                    ref_rejected_logps: Tensor | None, lengths: Tensor | None) -> DPOOutput:
+    """The `DPOOutput` of a one-pass schedule from its loss and [2B] sequence log-probs."""
+    b = seq.shape[0] // 2
     out = loss_from_logps(
         config, seq[:b], seq[b:], ref_chosen_logps, ref_rejected_logps,
         chosen_lengths=None if lengths is None else lengths[:b],

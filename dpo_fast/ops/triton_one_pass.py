@@ -1,0 +1,213 @@
+"""One-pass DPO loss from hidden states on the GPU: whole pairs' logits by cuBLAS, softmax by Triton.
+
+The fused-linear Triton kernels (`triton_linear`) run every product in tl.dot and, in their "tiles"
+backward, rebuild the logits twice: 10·N·H·V flops. For pair-separable losses this schedule does the
+6·N·H·V of the math, all of it in cuBLAS, by taking whole pairs at a time (a pair's coefficient
+dL/dlogp is known once its own tokens are seen). For each group of consecutive pairs whose logits fit in
+LOGITS_BUDGET_BYTES:
+
+1. logits = h W^T (+ b) for the group's scored tokens: one cuBLAS product into a reused buffer, in
+   the input dtype (what the model's lm_head computes);
+2. the logits-in forward kernel (`kernels/logps.py`): per-token log-sum-exp and log-prob, one read;
+3. the pairs' log-probs, hence dL/dlogp per sequence (torch autograd on the group's [pairs] loss);
+4. the logits-in backward kernel turns the buffer, in place, into D = g (onehot - softmax);
+5. dh rows = D W and dweight += D^T h (cuBLAS), dbias += the column sums of D.
+
+Memory beyond inputs and gradients: the logits buffer (<= LOGITS_BUDGET_BYTES, one 2 x 1024-token pair
+at a 128k vocabulary) and the group's gathered hidden rows. Nothing [V, H] in float32: dweight sums
+the groups' products in its own dtype (cuBLAS accumulates each product in float32 and adds it to the
+running sum before one rounding: one rounding per group, as gradient accumulation over micro-batches
+does). Where a single pair's logits exceed the budget, or for float16 (whose range D's small entries
+and the running dweight sum would leave), `applies` says no and the caller keeps the tile-bounded
+kernels.
+
+The schedule is chosen by `dpo_fast.ops.linear_dpo_loss_one_pass` when ENABLED; on the CPU it runs under
+TRITON_INTERPRET=1 like every Triton path (the tests' route), where the products are torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dpo_fast.kernels.logps import _token_logps_bwd, _token_logps_fwd
+
+from ..losses import PAIR_SEPARABLE, LossConfig, loss_from_logps
+from .torch_one_pass import (
+    _batch_loss,
+    _group_by_pair,
+    _OrderedRows,
+    check_pair_inputs,
+    hand_over_grads,
+    one_pass_output,
+)
+from .triton_logps import _num_warps, default_block_v
+
+# Bytes of the logits buffer: one pair of 2 x 1024 tokens at Llama-3's 128256 vocabulary in bf16 is
+# 525 MB. Untimed on a GPU: a 2048 x 4096 x 128256 product already keeps cuBLAS at its full rate, so a
+# larger buffer would add memory, not speed.
+LOGITS_BUDGET_BYTES = 2**29
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+
+# Opt-in until a GPU benchmark has compared it with the fused-linear kernels (benchmarks/bench_loss.py
+# times both on CUDA): `linear_dpo_loss(..., backend="triton")` takes this schedule only when True.
+# Numerics differ slightly: here the logits are rounded to the input dtype as the model's own lm_head
+# rounds them (as the torch backend and a plain bf16 forward do); the fused kernels keep them in float32.
+ENABLED = False
+
+
+def _max_pair_tokens(offsets: list[int]) -> int:
+    return max((offsets[2 * i + 2] - offsets[2 * i] for i in range(len(offsets) // 2)), default=0)
+
+
+def applies(config: LossConfig, hidden: Tensor, weight: Tensor, labels: Tensor, segment_ids: Tensor,
+            num_sequences: int, ignore_index: int) -> bool:
+    """True when this schedule can run: a pair-separable loss, bf16/fp32, every pair within the budget."""
+    if config.loss_type not in PAIR_SEPARABLE or hidden.dtype not in SUPPORTED_DTYPES:
+        return False
+    if weight.dtype != hidden.dtype:
+        return False
+    scored = labels != ignore_index
+    seg = segment_ids[scored]
+    b = num_sequences // 2
+    tokens = torch.bincount(seg % b, minlength=b) if b > 0 else seg
+    largest = int(tokens.max()) if tokens.numel() else 0
+    return largest * weight.shape[0] * hidden.element_size() <= LOGITS_BUDGET_BYTES
+
+
+def _pair_groups(offsets: list[int], num_pairs: int, vocab: int, itemsize: int) -> list[tuple[int, int]]:
+    """Consecutive pairs [i0, i1) whose logits fit in the budget together (at least one pair each)."""
+    max_tokens = max(1, LOGITS_BUDGET_BYTES // (vocab * itemsize))
+    groups, i0 = [], 0
+    while i0 < num_pairs:
+        i1 = i0 + 1
+        while i1 < num_pairs and offsets[2 * i1 + 2] - offsets[2 * i0] <= max_tokens:
+            i1 += 1
+        groups.append((i0, i1))
+        i0 = i1
+    return groups
+
+
+def _launch_forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    n, v = logits.shape
+    logps = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logps)
+    block_v = default_block_v(v)
+    if n > 0:
+        _token_logps_fwd[(n,)](logits, labels, logps, lse, logits.stride(0), v, ignore_index, BLOCK_V=block_v,
+                               num_warps=_num_warps(block_v))
+    return logps, lse
+
+
+def _launch_backward_in_place(logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor, ignore_index: int) -> None:
+    """logits <- grad * (onehot - softmax(logits)), row by row: each tile is read before it is written."""
+    n, v = logits.shape
+    block_v = default_block_v(v)
+    if n > 0:
+        _token_logps_bwd[(n,)](logits, labels, lse, grad, logits, logits.stride(0), v, ignore_index,
+                               BLOCK_V=block_v, num_warps=_num_warps(block_v))
+
+
+class TritonOnePassLinearDPO(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], bias [V] | None) -> (loss, [2B] sequence log-probs); the forward
+    finishes the gradients, the backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, segment_ids: Tensor,
+                num_sequences: int, ignore_index: int, config: LossConfig, ref_chosen: Tensor | None,
+                ref_rejected: Tensor | None, lengths: Tensor | None, grad_enabled: bool):
+        device, dtype = hidden.device, hidden.dtype
+        b = num_sequences // 2
+        v = weight.shape[0]
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        need_grads = need_h or need_w or need_b
+        order, offsets = _group_by_pair(labels, segment_ids, ignore_index, b)
+        rows_of = _OrderedRows(order)
+        labels = labels.contiguous()
+        dhidden = torch.zeros_like(hidden) if need_h else None
+        dweight = torch.zeros_like(weight) if need_w else None
+        dbias = torch.zeros(v, dtype=torch.float32, device=device) if need_b else None
+        seq = torch.zeros(num_sequences, dtype=torch.float32, device=device)
+        groups = _pair_groups(offsets, b, v, hidden.element_size())
+        buffer = torch.empty(max((offsets[2 * i1] - offsets[2 * i0] for i0, i1 in groups), default=0) * v,
+                             dtype=dtype, device=device)
+
+        for i0, i1 in groups:
+            start, end = offsets[2 * i0], offsets[2 * i1]
+            if end == start:
+                continue
+            span = rows_of.span(start, end)
+            h = rows_of.take(hidden, start, end, span)
+            y = rows_of.take(labels, start, end, span).contiguous()
+            logits = buffer[: (end - start) * v].view(end - start, v)
+            if bias is None:
+                torch.mm(h, weight.T, out=logits)
+            else:
+                torch.addmm(bias, h, weight.T, out=logits)
+            tok, lse = _launch_forward(logits, y, ignore_index)
+            # Local sequence of each token: 2k is pair i0 + k's chosen response, 2k + 1 its rejected one.
+            counts = torch.tensor([offsets[j + 1] - offsets[j] for j in range(2 * i0, 2 * i1)], device=device)
+            local = torch.repeat_interleave(torch.arange(2 * (i1 - i0), device=device), counts)
+            sums = torch.zeros(2 * (i1 - i0), dtype=torch.float32, device=device).index_add_(0, local, tok)
+            seq[i0:i1], seq[b + i0:b + i1] = sums[0::2], sums[1::2]
+            if not need_grads:
+                continue
+            g_c, g_r = _pair_grads(config, sums[0::2], sums[1::2], ref_chosen, ref_rejected, lengths, i0, i1, b)
+            g_tok = torch.stack([g_c, g_r], dim=1).reshape(-1)[local].contiguous()
+            _launch_backward_in_place(logits, y, lse, g_tok, ignore_index)  # logits now holds D
+            if need_h:
+                dh = torch.mm(logits, weight)
+                if span is not None:
+                    dhidden[span] = dh
+                else:
+                    dhidden.index_copy_(0, order[start:end], dh)
+                del dh
+            if need_w:
+                dweight.addmm_(logits.T, h)
+            if need_b:
+                dbias.add_(logits.sum(dim=0, dtype=torch.float32))
+            del h, logits
+
+        loss = _batch_loss(config, seq, b, ref_chosen, ref_rejected, lengths)
+        ctx.mark_non_differentiable(seq)
+        ctx.grads = (dhidden, dweight, dbias) if need_grads else (None, None, None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss, seq
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor | None):
+        return (*hand_over_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None)
+
+
+def _pair_grads(config: LossConfig, logp_c: Tensor, logp_r: Tensor, ref_chosen: Tensor | None,
+                ref_rejected: Tensor | None, lengths: Tensor | None, i0: int, i1: int,
+                num_pairs: int) -> tuple[Tensor, Tensor]:
+    """dL/dlogp_c and dL/dlogp_r of pairs i0..i1, L being the mean loss over all num_pairs pairs."""
+    pc = logp_c.detach().clone().requires_grad_()
+    pr = logp_r.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        out = loss_from_logps(
+            config, pc, pr,
+            None if ref_chosen is None else ref_chosen.detach()[i0:i1],
+            None if ref_rejected is None else ref_rejected.detach()[i0:i1],
+            chosen_lengths=None if lengths is None else lengths[i0:i1],
+            rejected_lengths=None if lengths is None else lengths[num_pairs + i0:num_pairs + i1],
+        )
+        g_c, g_r = torch.autograd.grad(out.losses.sum() / num_pairs, (pc, pr))
+    return g_c, g_r
+
+
+def linear_dpo_loss_pair_chunks(config: LossConfig, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                                labels: Tensor, segment_ids: Tensor, num_sequences: int, ignore_index: int,
+                                ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None,
+                                lengths: Tensor | None):
+    """DPO loss of a pair-separable loss by this schedule; returns a `DPOOutput`. Same contract as
+    `torch_one_pass.linear_dpo_loss_one_pass` (packed form, sequences 0..B-1 chosen, B..2B-1 rejected);
+    call `applies` first."""
+    check_pair_inputs(config, num_sequences // 2, ref_chosen_logps, ref_rejected_logps, lengths, hidden.device)
+    loss, seq = TritonOnePassLinearDPO.apply(
+        hidden, weight, bias, labels, segment_ids, num_sequences, ignore_index, config, ref_chosen_logps,
+        ref_rejected_logps, lengths, torch.is_grad_enabled(),
+    )
+    return one_pass_output(config, loss, seq, ref_chosen_logps, ref_rejected_logps, lengths)

@@ -1,0 +1,118 @@
+"""The pair-chunk one-pass schedule of `linear_dpo_loss` on the triton backend (`ops.triton_one_pass`)
+against the float64 reference: forward and the gradients of hidden, weight and bias, float32 and bf16,
+padded and packed (tokens in a random order), pairs grouped under a small logits budget, and the
+conditions under which it declines. Under TRITON_INTERPRET=1 on the CPU (set by conftest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_fast.functional import _FlatHidden, linear_dpo_loss
+from dpo_fast.losses import LossConfig
+from dpo_fast.ops import triton_one_pass
+from tests.test_one_pass import IGNORE, _case, _check_against_reference, _to_packed
+
+
+def _run(hidden, weight, bias, labels, ref_c, ref_r, *, segment_ids=None, **kwargs):
+    config = LossConfig(**kwargs)
+    flat = _FlatHidden(hidden, labels, segment_ids, IGNORE, weight.shape[0])
+    assert triton_one_pass.applies(config, flat.values, weight, flat.labels, flat.segment_ids, flat.num_sequences,
+                                   IGNORE)
+    lengths = flat.lengths() if config.needs_lengths else None
+    return triton_one_pass.linear_dpo_loss_pair_chunks(
+        config, flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE, ref_c, ref_r,
+        lengths,
+    )
+
+
+def _budget_for(pairs_tokens: int, vocab: int, dtype: torch.dtype) -> int:
+    return pairs_tokens * vocab * torch.tensor([], dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type,nll_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("nca_pair", 0.4),
+                                                  ("simpo", 0.0), ("apo_zero", 0.0)])
+def test_padded_against_reference(monkeypatch, loss_type, nll_weight, dtype):
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(21, loss_type, dtype)
+    kwargs["nll_weight"] = nll_weight
+    # Room for about one and a half pairs: groups of one pair, and of two where two short ones fit.
+    monkeypatch.setattr(triton_one_pass, "LOGITS_BUDGET_BYTES", _budget_for(50, weight.shape[0], dtype))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = _run(*leaves, labels, ref_c, ref_r, **kwargs)
+    _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_tokens_in_random_order(dtype):
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(22, "sigmoid", dtype, b=2, t=23)
+    packed_h, packed_l, seg = _to_packed(hidden, labels, seed=4)
+    perm = torch.randperm(packed_h.shape[0], generator=torch.Generator().manual_seed(5))
+    packed_h, packed_l, seg = packed_h[perm], packed_l[perm], seg[perm]
+    leaves = [t.clone().requires_grad_() for t in (packed_h, weight, bias)]
+    out = _run(*leaves, packed_l, ref_c, ref_r, segment_ids=seg, **kwargs)
+    _check_against_reference(out, leaves, (packed_h, weight, bias, packed_l), ref_c, ref_r, kwargs, dtype,
+                             segment_ids=seg)
+
+
+def test_grad_output_scales_every_gradient():
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(23, "hinge", torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = _run(*leaves, labels, ref_c, ref_r, **kwargs)
+    _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float32,
+                             grad_scale=-2.5)
+
+
+def test_no_grad_gives_the_log_probs():
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(24, "sigmoid", torch.float32)
+    with torch.no_grad():
+        out = _run(hidden, weight, bias, labels, ref_c, ref_r, **kwargs)
+    expected = linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, backend="torch", **kwargs)
+    torch.testing.assert_close(out.chosen_logps, expected.chosen_logps, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert not out.loss.requires_grad
+
+
+def test_declines_what_it_cannot_do(monkeypatch):
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(25, "sigmoid", torch.float32)
+    flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
+    args = (flat.values, weight, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE)
+    config = LossConfig(**kwargs)
+    assert triton_one_pass.applies(config, *args)
+    assert not triton_one_pass.applies(LossConfig(beta=0.1, loss_type="aot"), *args)  # not pair-separable
+    half = (flat.values.half(), weight.half(), *args[2:])
+    assert not triton_one_pass.applies(config, *half)  # float16: left to the fused kernels
+    # A budget below the largest pair's logits: the fused kernels keep memory bounded instead.
+    largest = int(torch.bincount(flat.segment_ids[flat.labels != IGNORE] % (flat.num_sequences // 2)).max())
+    monkeypatch.setattr(triton_one_pass, "LOGITS_BUDGET_BYTES", _budget_for(largest, weight.shape[0],
+                                                                            torch.float32) - 1)
+    assert not triton_one_pass.applies(config, *args)
+
+
+def test_public_api_takes_it_only_when_enabled(monkeypatch):
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(26, "sigmoid", torch.float32)
+    calls = []
+    original = triton_one_pass.linear_dpo_loss_pair_chunks
+    monkeypatch.setattr(triton_one_pass, "linear_dpo_loss_pair_chunks",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    grads = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(triton_one_pass, "ENABLED", enabled)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = linear_dpo_loss(leaves[0], leaves[1], labels, ref_c, ref_r, bias=leaves[2], backend="triton", **kwargs)
+        assert len(calls) == int(enabled)
+        out.loss.backward()
+        grads[enabled] = [out.loss.detach()] + [t.grad for t in leaves]
+    # Off: the fused-linear kernels, whose own tests compare them with the reference; on: the same numbers.
+    for off, on in zip(grads[False], grads[True]):
+        torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pair_whose_tokens_are_consecutive(dtype):
+    # One pair, padded: its chosen and rejected scored tokens are adjacent rows, so the group is a view
+    # of the hidden states and its dh rows are written in place (the other tests gather and scatter).
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(27, "ipo", dtype, b=1, t=29)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = _run(*leaves, labels, ref_c, ref_r, **kwargs)
+    _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, dtype)
