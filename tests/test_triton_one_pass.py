@@ -11,7 +11,16 @@ import torch
 from dpo_fast.functional import _FlatHidden, linear_dpo_loss
 from dpo_fast.losses import LossConfig
 from dpo_fast.ops import triton_one_pass
-from tests.test_one_pass import IGNORE, _case, _check_against_reference, _to_packed
+from tests.test_one_pass import IGNORE, _check_against_reference, _to_packed
+from tests.test_one_pass import _case as _cpu_case
+
+# Compiled kernels need CUDA tensors; on the CPU (TRITON_INTERPRET=1, set by conftest) they stay there.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(*args, **kwargs):
+    *tensors, config_kwargs = _cpu_case(*args, **kwargs)
+    return (*(None if t is None else t.to(DEVICE) for t in tensors), config_kwargs)
 
 
 def _run(hidden, weight, bias, labels, ref_c, ref_r, *, segment_ids=None, **kwargs):
@@ -46,9 +55,9 @@ def test_padded_against_reference(monkeypatch, loss_type, nll_weight, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_tokens_in_random_order(dtype):
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(22, "sigmoid", dtype, b=2, t=23)
-    packed_h, packed_l, seg = _to_packed(hidden, labels, seed=4)
+    packed_h, packed_l, seg = _to_packed(hidden.cpu(), labels.cpu(), seed=4)
     perm = torch.randperm(packed_h.shape[0], generator=torch.Generator().manual_seed(5))
-    packed_h, packed_l, seg = packed_h[perm], packed_l[perm], seg[perm]
+    packed_h, packed_l, seg = (t[perm].to(DEVICE) for t in (packed_h, packed_l, seg))
     leaves = [t.clone().requires_grad_() for t in (packed_h, weight, bias)]
     out = _run(*leaves, packed_l, ref_c, ref_r, segment_ids=seg, **kwargs)
     _check_against_reference(out, leaves, (packed_h, weight, bias, packed_l), ref_c, ref_r, kwargs, dtype,
