@@ -113,39 +113,30 @@ def linear_impls(inp: dict, device: torch.device, beta: float) -> dict[str, Call
 
         for schedule in triton_linear.SCHEDULES:  # the "triton" row above runs the default one
             if schedule != triton_linear.DEFAULT_SCHEDULE:
-                impls[f"triton, {schedule} backward"] = _triton_with_schedule(h, w, y, rc, rr, beta, schedule)
-        impls["triton one-pass, pair chunks"] = _triton_pair_chunks(h, w, y, rc, rr, beta)
+                impls[f"triton, {schedule} backward"] = _triton_with(
+                    "triton_linear", "DEFAULT_SCHEDULE", schedule, h, w, y, rc, rr, beta)
+        impls["triton one-pass, pair chunks"] = _triton_with("triton_one_pass", "ENABLED", True, h, w, y, rc, rr, beta)
     impls["liger LigerFusedLinearDPOLoss"] = _liger_linear(h, w, y, beta)
     impls["trl selective_log_softmax"] = _trl_linear(h, w, y, rc, rr, beta)
     impls["trl 1.16 chunked lm_head"] = _trl_chunked_linear(h, w, y, rc, rr, beta)
     return impls
 
 
-def _triton_with_schedule(h, w, y, rc, rr, beta, schedule: str) -> Callable[[], None]:
-    from dpo_fast.ops import triton_linear
+def _triton_with(module_name: str, setting: str, value, h, w, y, rc, rr, beta) -> Callable[[], None]:
+    """The public triton path with one module-level setting of `dpo_fast.ops.<module_name>` changed for
+    the call: the fused-linear backward (triton_linear.DEFAULT_SCHEDULE) or the opt-in cuBLAS pair-chunk
+    schedule (triton_one_pass.ENABLED)."""
+    import importlib
+
+    module = importlib.import_module(f"dpo_fast.ops.{module_name}")
 
     def run():
-        default = triton_linear.DEFAULT_SCHEDULE
-        triton_linear.DEFAULT_SCHEDULE = schedule
+        saved = getattr(module, setting)
+        setattr(module, setting, value)
         try:
             _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
         finally:
-            triton_linear.DEFAULT_SCHEDULE = default
-
-    return run
-
-
-def _triton_pair_chunks(h, w, y, rc, rr, beta) -> Callable[[], None]:
-    """The opt-in cuBLAS pair-chunk schedule (dpo_fast/ops/triton_one_pass.py), through the public API."""
-    from dpo_fast.ops import triton_one_pass
-
-    def run():
-        enabled = triton_one_pass.ENABLED
-        triton_one_pass.ENABLED = True
-        try:
-            _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
-        finally:
-            triton_one_pass.ENABLED = enabled
+            setattr(module, setting, saved)
 
     return run
 
