@@ -331,3 +331,26 @@ def test_empty_source_is_an_error(tmp_path):
 def test_unsupported_source_type():
     with pytest.raises(TypeError, match="source must be"):
         load_preferences(42)
+
+
+def test_hub_dataset_name_goes_to_load_dataset_with_the_split(monkeypatch):
+    # No network here: datasets.load_dataset is replaced by a stand-in that serves the hh-rlhf fixture
+    # under its Hub name, and records what it was asked for.
+    rows = json.loads((FIXTURES / "hh_implicit.json").read_text())
+    asked = []
+
+    def fake_load_dataset(name, split=None, **kwargs):
+        asked.append((name, split, kwargs))
+        if name != "Anthropic/hh-rlhf":
+            raise FileNotFoundError(f"Dataset {name!r} doesn't exist on the Hub")
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds, report = load_preferences_with_report("Anthropic/hh-rlhf", split="test")
+    assert asked == [("Anthropic/hh-rlhf", "test", {})]
+    assert report.format == "implicit_prompt"
+    assert ds[0]["chosen"] == " Paris is the capital of France."
+    assert len(ds) == len(rows) - sum(report.skipped.values())
+    # The Hub's own error reaches the caller unchanged.
+    with pytest.raises(FileNotFoundError, match="doesn't exist on the Hub"):
+        load_preferences("nobody/no-such-dataset")
