@@ -40,6 +40,7 @@ order (for JSON lines: non-blank lines).
 
 from __future__ import annotations
 
+import ast
 import csv
 import itertools
 import json
@@ -123,7 +124,8 @@ def load_preferences(
 
     source: a local file (.jsonl, .json, .parquet, .csv, .arrow) or folder (of such files, or saved with
         `Dataset.save_to_disk`), a `datasets.Dataset` / `DatasetDict`, a list of row dicts, or a Hub
-        dataset name for `datasets.load_dataset`.
+        dataset name for `datasets.load_dataset`. In a CSV, a message list is a cell holding its JSON (or
+        its Python repr, as pandas writes it).
     split: the split of a DatasetDict, a Hub dataset, or a folder of split files (train.jsonl, ...).
     format: "auto" or one of `FORMATS`. pairing: how "ranked" rows become pairs, one of `PAIRINGS`.
     strict: raise ValueError at the first bad row instead of skipping it.
@@ -547,10 +549,28 @@ def _read_json(path: Path, split: str) -> Iterator[Any]:
 
 
 def _read_csv(path: Path) -> Iterator[Any]:
-    # Plain text only (CSV has no nesting); an empty cell reads as a missing field.
+    # An empty cell reads as a missing field. CSV has no nesting, so conversational exports write each
+    # message list as text: JSON, or the Python repr pandas' to_csv gives; such a cell becomes the list.
     with open(path, encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
-            yield {key: (value if value != "" else None) for key, value in row.items() if key is not None}
+            yield {key: _csv_cell(value) for key, value in row.items() if key is not None}
+
+
+def _csv_cell(value: str) -> Any:
+    if value == "":
+        return None
+    text = value.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return value
+    for parse in (json.loads, ast.literal_eval):  # literal_eval evaluates literals only, never code
+        try:
+            parsed = parse(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        is_messages = isinstance(parsed, list) and parsed and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in parsed)
+        return parsed if is_messages else value
+    return value
 
 
 def _read_parquet(path: Path) -> Iterator[Any]:

@@ -354,3 +354,23 @@ def test_hub_dataset_name_goes_to_load_dataset_with_the_split(monkeypatch):
     # The Hub's own error reaches the caller unchanged.
     with pytest.raises(FileNotFoundError, match="doesn't exist on the Hub"):
         load_preferences("nobody/no-such-dataset")
+
+
+@pytest.mark.parametrize("encode", [json.dumps, repr], ids=["json", "python-repr"])
+def test_conversational_csv_with_message_lists_in_cells(tmp_path, encode):
+    # A CSV export of ultrafeedback-like rows: each message list is a cell of text, as json.dumps or as
+    # pandas' to_csv (the Python repr) writes it. It loads as the same conversations as the JSON lines.
+    import csv
+
+    rows = read_jsonl(FIXTURES / "ultrafeedback.jsonl")
+    path = tmp_path / "prefs.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: encode(v) if isinstance(v, list) else v for k, v in row.items()})
+    from_csv, csv_report = load_preferences_with_report(path)
+    from_jsonl, jsonl_report = load_preferences_with_report(FIXTURES / "ultrafeedback.jsonl")
+    assert csv_report.format == jsonl_report.format == "conversational"
+    assert from_csv.to_list() == from_jsonl.to_list()
+    assert dict(csv_report.skipped) == dict(jsonl_report.skipped)
