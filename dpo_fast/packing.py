@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import operator
 import os
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from heapq import heappop, heappush
 from types import ModuleType
 
 import numpy as np
@@ -120,6 +120,49 @@ def _checked_lengths(lengths: Iterable[object], capacity: int) -> list[int]:
     return out
 
 
+def _prepared(lengths: object, capacity: object, algorithm: str, world_size: object, seed: object,
+              backend: str | None) -> tuple[object, int, int, bool, int, str]:
+    """The arguments of `pack`/`pack_flat` checked and normalised: (lengths, capacity, world_size, shuffle,
+    seed64, backend). lengths stays a numpy array only for the C++ backend, as int32 or int64 C-contiguous
+    (read in place); otherwise it becomes a list or tuple."""
+    capacity = _as_int("capacity", capacity)
+    if not 0 < capacity <= _MAX_INT64:
+        raise ValueError(f"capacity must be a positive int below 2**63, got {capacity}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r} is not known; expected one of {', '.join(ALGORITHMS)}")
+    world_size = _as_int("world_size", world_size)
+    if world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size}")
+    shuffle = seed is not None
+    seed64 = _as_int("seed", seed) & _MASK64 if shuffle else 0
+    chosen = _resolve_backend(backend)
+    if isinstance(lengths, np.ndarray):
+        if lengths.ndim != 1:
+            raise ValueError(f"lengths must be 1-D, got an array of shape {tuple(lengths.shape)}")
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths must hold integers, got an array of dtype {lengths.dtype}")
+        if chosen == "python" or lengths.dtype == np.uint64:  # uint64 values could wrap in int64
+            lengths = lengths.tolist()
+        elif lengths.dtype in (np.int32, np.int64):  # native byte order only (dtype equality checks it)
+            lengths = np.ascontiguousarray(lengths)  # no copy when it already is
+        else:
+            lengths = lengths.astype(np.int64)
+    elif not isinstance(lengths, (list, tuple)):
+        lengths = list(lengths)
+    return lengths, capacity, world_size, shuffle, seed64, chosen
+
+
+def _call_cpp(entry: str, lengths: object, capacity: int, algorithm: str, world_size: int, shuffle: bool,
+              seed64: int) -> object:
+    function = getattr(_cpp_module(), entry)
+    try:
+        return function(lengths, capacity, algorithm, world_size, shuffle, seed64)
+    except TypeError:
+        # Not plain ints (numpy scalars, floats, ints beyond int64): check them here, which raises the
+        # fallback's exact message for a bad item, then retry with plain ints.
+        return function(_checked_lengths(lengths, capacity), capacity, algorithm, world_size, shuffle, seed64)
+
+
 def pack(
     lengths: Sequence[int] | np.ndarray | Iterable[int],
     capacity: int,
@@ -142,41 +185,84 @@ def pack(
 
     Returns the bins as lists of item indexes. Raises ValueError naming the item for a negative length or
     one longer than capacity, and naming the argument for a bad capacity, algorithm or world_size.
+    `pack_flat` returns the same bins as two numpy arrays, several times faster on large inputs.
     """
-    capacity = _as_int("capacity", capacity)
-    if not 0 < capacity <= _MAX_INT64:
-        raise ValueError(f"capacity must be a positive int below 2**63, got {capacity}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r} is not known; expected one of {', '.join(ALGORITHMS)}")
-    world_size = _as_int("world_size", world_size)
-    if world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size}")
-    shuffle = seed is not None
-    seed64 = _as_int("seed", seed) & _MASK64 if shuffle else 0
-    chosen = _resolve_backend(backend)
-
-    if isinstance(lengths, np.ndarray):
-        if lengths.ndim != 1:
-            raise ValueError(f"lengths must be 1-D, got an array of shape {tuple(lengths.shape)}")
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"lengths must hold integers, got an array of dtype {lengths.dtype}")
-        if chosen == "cpp" and lengths.dtype != np.uint64:  # uint64 values could wrap in int64
-            array = np.ascontiguousarray(lengths, dtype=np.int64)
-            return _cpp_module().pack_array(array, capacity, algorithm, world_size, shuffle, seed64)
-        lengths = lengths.tolist()
-    elif not isinstance(lengths, (list, tuple)):
-        lengths = list(lengths)
-
+    lengths, capacity, world_size, shuffle, seed64, chosen = _prepared(lengths, capacity, algorithm, world_size,
+                                                                       seed, backend)
     if chosen == "cpp":
-        cpp = _cpp_module()
-        try:
-            return cpp.pack(lengths, capacity, algorithm, world_size, shuffle, seed64)
-        except TypeError:
-            # Not plain ints (numpy scalars, floats, ints beyond int64): check them here, which raises the
-            # fallback's exact message for a bad item, then retry with plain ints.
-            return cpp.pack(_checked_lengths(lengths, capacity), capacity, algorithm, world_size, shuffle, seed64)
+        return _call_cpp("pack", lengths, capacity, algorithm, world_size, shuffle, seed64)
     items = _checked_lengths(lengths, capacity)
     return _pack_python(items, capacity, algorithm, world_size, shuffle, seed64)
+
+
+@dataclass(frozen=True)
+class PackedBins:
+    """Bins as flat arrays (CSR): the items of bin i are items[offsets[i]:offsets[i + 1]].
+
+    items: int64 item indexes, bin after bin in output (step) order, insertion order inside a bin.
+    offsets: int64, num_bins + 1 entries, offsets[0] == 0 and offsets[-1] == len(items).
+    """
+
+    items: np.ndarray
+    offsets: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("items", "offsets"):
+            array = getattr(self, name)
+            if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype != np.int64:
+                raise TypeError(f"PackedBins.{name} must be a 1-D int64 numpy array")
+        if len(self.offsets) == 0 or self.offsets[0] != 0 or self.offsets[-1] != len(self.items):
+            raise ValueError(f"PackedBins.offsets must start at 0 and end at len(items) = {len(self.items)}")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def bin(self, i: int) -> np.ndarray:
+        """The item indexes of bin i (a view)."""
+        i = operator.index(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"bin {i} is out of range for {len(self)} bins")
+        i %= len(self)
+        return self.items[self.offsets[i]:self.offsets[i + 1]]
+
+    def sizes(self) -> np.ndarray:
+        """Items per bin."""
+        return np.diff(self.offsets)
+
+    def to_lists(self) -> list[list[int]]:
+        """The bins as `pack` returns them."""
+        flat = self.items.tolist()
+        bounds = self.offsets.tolist()
+        return [flat[start:stop] for start, stop in zip(bounds, bounds[1:])]
+
+
+def pack_flat(
+    lengths: Sequence[int] | np.ndarray | Iterable[int],
+    capacity: int,
+    *,
+    algorithm: str = "bfd",
+    world_size: int = 1,
+    seed: int | None = 0,
+    backend: str | None = None,
+) -> PackedBins:
+    """`pack` with the bins as two numpy arrays instead of lists: same arguments, same errors, and
+    `pack_flat(...).to_lists() == pack(...)` for the same arguments. An int32 or int64 C-contiguous array
+    of lengths is read in place by the C++ backend.
+
+    Why it exists: the lists of `pack` hold one Python int per item, and creating 10^6 of them costs more
+    than the C++ packing itself (see the module docstring); here the C++ side writes the arrays directly.
+    """
+    lengths, capacity, world_size, shuffle, seed64, chosen = _prepared(lengths, capacity, algorithm, world_size,
+                                                                       seed, backend)
+    if chosen == "cpp":
+        items, offsets = _call_cpp("pack_flat", lengths, capacity, algorithm, world_size, shuffle, seed64)
+        return PackedBins(items, offsets)
+    checked = _checked_lengths(lengths, capacity)
+    bins = _pack_python(checked, capacity, algorithm, world_size, shuffle, seed64)
+    items = np.fromiter(itertools.chain.from_iterable(bins), dtype=np.int64, count=len(checked))
+    offsets = np.zeros(len(bins) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, bins), dtype=np.int64, count=len(bins)), out=offsets[1:])
+    return PackedBins(items, offsets)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,12 +286,12 @@ def _pack_python(lengths: list[int], capacity: int, algorithm: str, world_size: 
 
 
 def _best_fit(lengths: list[int], order: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
-    """Least room that fits, lowest bin id among equals: a min-heap of bin ids per remaining capacity,
-    plus the sorted list of remaining capacities that have a non-empty heap (at most capacity + 1 values)."""
+    """Least room that fits, among equals the bin that reached that room last: a stack of bin ids per
+    remaining capacity, plus the sorted list of remaining capacities whose stack is non-empty."""
     bins: list[list[int]] = []
     loads: list[int] = []
     min_length = lengths[order[-1]] if order else 0
-    heaps: dict[int, list[int]] = {}
+    stacks: dict[int, list[int]] = {}
     open_rooms: list[int] = []
     for item in order:
         length = lengths[item]
@@ -217,22 +303,22 @@ def _best_fit(lengths: list[int], order: list[int], capacity: int) -> tuple[list
             left = capacity - length
         else:
             room = open_rooms[pos]
-            heap = heaps[room]
-            bin_id = heappop(heap)
-            if not heap:
+            stack = stacks[room]
+            bin_id = stack.pop()
+            if not stack:
                 del open_rooms[pos]
-                del heaps[room]
+                del stacks[room]
             bins[bin_id].append(item)
             loads[bin_id] += length
             left = room - length
         # Items come longest first: a bin with less room than the shortest item can never be chosen again.
         if left >= min_length:
-            heap = heaps.get(left)
-            if heap is None:
-                heaps[left] = [bin_id]
+            stack = stacks.get(left)
+            if stack is None:
+                stacks[left] = [bin_id]
                 insort(open_rooms, left)
             else:
-                heappush(heap, bin_id)
+                stack.append(bin_id)
     return bins, loads
 
 
@@ -379,4 +465,6 @@ def pack_stats(lengths: Sequence[int] | np.ndarray, bins: Sequence[Sequence[int]
     )
 
 
-__all__ = ["ALGORITHMS", "BACKENDS", "BACKEND_ENV", "PackStats", "backend", "pack", "pack_stats", "splitmix64"]
+__all__ = ["ALGORITHMS", "BACKENDS", "BACKEND_ENV", "PackStats", "PackedBins", "backend", "pack", "pack_flat",
+           "pack_stats",
+           "splitmix64"]

@@ -19,19 +19,25 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 def reference_pack(lengths: list[int], capacity: int, algorithm: str) -> list[list[int]]:
-    """Bins in creation order, by scanning every bin for every item (the definition, not a data structure)."""
+    """Bins in creation order, by scanning every bin for every item (the definition, not a data structure).
+
+    bfd: the least room that fits; among equal rooms, the bin that received an item last. ffd: the lowest
+    bin id that fits."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     rooms: list[int] = []
-    for item in order:
+    last_change: list[int] = []  # step at which each bin last received an item
+    for step, item in enumerate(order):
         fits = [b for b in range(len(bins)) if rooms[b] >= lengths[item]]
         if not fits:
             bins.append([item])
             rooms.append(capacity - lengths[item])
+            last_change.append(step)
             continue
-        b = min(fits, key=lambda b: (rooms[b], b)) if algorithm == "bfd" else fits[0]
+        b = min(fits, key=lambda b: (rooms[b], -last_change[b])) if algorithm == "bfd" else fits[0]
         bins[b].append(item)
         rooms[b] -= lengths[item]
+        last_change[b] = step
     return bins
 
 
