@@ -10,10 +10,16 @@ same bin, which the DPO loss needs (it compares the two within a row's segments)
     bfd      = [[2], [0, 1], [4, 3]]      loads 7, 8, 6
 
 Algorithms (both O(n log n); ties are broken the same way by both backends):
-  "bfd"  best fit decreasing: each item goes to the bin with the least room that still fits it, the
-         lowest bin id among equals; a new bin only when no bin fits.
+  "bfd"  best fit decreasing: each item goes to the bin with the least room that still fits it; among
+         bins with equal room, the one that received an item last; a new bin only when no bin fits.
   "ffd"  first fit decreasing: each item goes to the lowest bin id that fits it.
 Items are placed longest first, ties by index; inside a bin items keep their insertion order.
+Why "received an item last" among equal rooms (it was "lowest bin id"): it is a stack per room value,
+O(1) and allocation-free in C++, where the lowest id needed a heap per room value (C++ placement of the
+benchmark's 10^6 items 21 ms -> 15 ms, before the run batching below took it to 2.4 ms). Which of the bins
+with equal room takes an item never changes the rooms that remain, so any such rule gives the same number of
+bins and the same loads. The C++ side also places a run of equal lengths a bin at a time (a bin keeps
+taking items of one length while they fit, which is what both rules choose anyway).
 
 Step order (`world_size`, `seed`): a training step takes `world_size` consecutive bins, one per
 data-parallel rank. With world_size > 1 the bins are sorted by load and cut into groups of world_size
@@ -30,9 +36,19 @@ first for world_size > 1.
     groups, odd ones reversed        [b0 b3] [b4 b2] [b1]   <- short last group, never shuffled
     seed=s                           the two full groups in a seeded order, then [b1]
 
+Output: `pack` returns the bins as lists of item indexes; `pack_flat` returns the same bins as a
+`PackedBins`, two int64 numpy arrays: `items` (the item indexes, bin after bin in output order) and
+`offsets` (num_bins + 1 entries, bin i is items[offsets[i]:offsets[i + 1]]), the layout of `cu_seqlens`.
+The flat API exists because the lists cost more than the packing: at 10^6 pairs the C++ packer needs ~17 ms
+to write the arrays and ~31 ms more to create the 10^6 Python ints and 10^5 lists of `pack` (2-core VM;
+benchmarks/bench_packing.py and benchmarks/results/packing-cpu.md). Prefer it for large inputs, with the
+lengths as an int32 or int64 numpy array, which the C++ side reads in place.
+
+    pack_flat([5, 3, 7, 2, 4], 8, seed=None)    items [2, 0, 1, 4, 3]   offsets [0, 1, 3, 5]
+
 Backends: the C++ extension `dpo_fast._packing_cpp` when it was built, else the pure-Python fallback,
 which returns identical bins. `DPO_FAST_PACKING_BACKEND=python|cpp|auto` (read at each call) overrides
-the choice, and the `backend=` keyword of `pack` overrides both.
+the choice, and the `backend=` keyword of `pack` and `pack_flat` overrides both.
 """
 
 from __future__ import annotations
@@ -415,10 +431,13 @@ class PackStats:
     max_step_spread: float
 
 
-def pack_stats(lengths: Sequence[int] | np.ndarray, bins: Sequence[Sequence[int]], capacity: int, *,
+def pack_stats(lengths: Sequence[int] | np.ndarray, bins: Sequence[Sequence[int]] | PackedBins, capacity: int, *,
                world_size: int = 1) -> PackStats:
-    """Checks that `bins` is a packing of `lengths` (every item exactly once, no bin over capacity) and
-    measures it. Raises ValueError naming the bin or item otherwise. Empty input: fill_efficiency 1.0."""
+    """Checks that `bins` (lists, or the PackedBins of `pack_flat`) is a packing of `lengths` (every item
+    exactly once, no bin over capacity) and measures it. Raises ValueError naming the bin or item otherwise.
+    Empty input: fill_efficiency 1.0."""
+    if isinstance(bins, PackedBins):
+        bins = bins.to_lists()
     capacity = _as_int("capacity", capacity)
     if capacity <= 0:
         raise ValueError(f"capacity must be a positive int, got {capacity}")

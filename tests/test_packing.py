@@ -244,9 +244,9 @@ def test_empty_and_zero_lengths(backend):
     assert packing.pack([0, 5, 0], 5, seed=None, backend=backend) == reference_pack([0, 5, 0], 5, "bfd")
 
 
-def error_message(backend, *args, **kwargs):
+def error_message(backend, *args, pack=packing.pack, **kwargs):
     with pytest.raises((ValueError, TypeError)) as info:
-        packing.pack(*args, backend=backend, **kwargs)
+        pack(*args, backend=backend, **kwargs)
     return info.type, str(info.value)
 
 
@@ -271,11 +271,20 @@ def test_bad_lengths(backend):
     assert kind is TypeError and "float64" in message
 
 
+BAD_LENGTHS = [[3, 11, -2], [3, -2, 11], [1, np.int64(20)], [1, "7"], [4, 2.0, -1], np.array([1, -4, 30]),
+               np.array([1, 30, -4], dtype=np.int32), np.array([2, 11], dtype=np.uint64), [2**64, 1], (5, -1)]
+
+
 @needs_cpp
-@pytest.mark.parametrize("lengths", [[3, 11, -2], [3, -2, 11], [1, np.int64(20)], [1, "7"], [4, 2.0, -1],
-                                     np.array([1, -4, 30]), [2**64, 1]])
+@pytest.mark.parametrize("lengths", BAD_LENGTHS)
 def test_error_messages_identical_across_backends(lengths):
     assert error_message("cpp", lengths, 10) == error_message("python", lengths, 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", BAD_LENGTHS)
+def test_flat_api_raises_the_same_errors(backend, lengths):
+    assert error_message(backend, lengths, 10, pack=packing.pack_flat) == error_message(backend, lengths, 10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -292,6 +301,103 @@ def test_bad_arguments_are_named(backend):
     assert kind is ValueError and "world_size" in message
     kind, message = error_message(backend, [1], 8, seed=1.5)
     assert kind is TypeError and "seed" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flat API: pack_flat / PackedBins
+
+
+def assert_flat_equals(flat: packing.PackedBins, bins: list[list[int]], num_items: int):
+    assert flat.items.dtype == np.int64 and flat.offsets.dtype == np.int64
+    assert flat.items.shape == (num_items,) and flat.offsets.shape == (len(bins) + 1,)
+    assert len(flat) == len(bins)
+    assert flat.to_lists() == bins
+    assert [flat.bin(i).tolist() for i in range(len(flat))] == bins
+    assert flat.sizes().tolist() == [len(b) for b in bins]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", packing.ALGORITHMS)
+@SETTINGS
+@given(data=packing_inputs(), world_size=st.integers(1, 5), seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+def test_flat_api_equals_pack(backend, algorithm, data, world_size, seed):
+    lengths, capacity = data
+    kwargs = dict(algorithm=algorithm, world_size=world_size, seed=seed, backend=backend)
+    flat = packing.pack_flat(lengths, capacity, **kwargs)
+    assert_flat_equals(flat, packing.pack(lengths, capacity, **kwargs), len(lengths))
+    if seed is None and world_size == 1:
+        assert flat.to_lists() == reference_pack(lengths, capacity, algorithm)
+
+
+@needs_cpp
+@pytest.mark.parametrize("algorithm", packing.ALGORITHMS)
+@SETTINGS
+@given(data=packing_inputs(max_items=300), world_size=st.integers(1, 9),
+       seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)), as_array=st.booleans())
+def test_flat_api_cpp_and_python_identical(algorithm, data, world_size, seed, as_array):
+    lengths, capacity = data
+    if as_array:
+        lengths = np.array(lengths, dtype=np.int64)
+    kwargs = dict(algorithm=algorithm, world_size=world_size, seed=seed)
+    cpp = packing.pack_flat(lengths, capacity, backend="cpp", **kwargs)
+    python = packing.pack_flat(lengths, capacity, backend="python", **kwargs)
+    np.testing.assert_array_equal(cpp.items, python.items)
+    np.testing.assert_array_equal(cpp.offsets, python.offsets)
+
+
+@needs_cpp
+def test_flat_api_cpp_and_python_identical_on_a_large_input():
+    rng = np.random.default_rng(4)
+    array = np.clip(rng.lognormal(np.log(300), 1.0, 20_000), 1, 4096).astype(np.int64)
+    for algorithm, world_size, seed in [("bfd", 1, 5), ("ffd", 1, None), ("bfd", 8, 11), ("ffd", 3, 2**63 + 5)]:
+        kwargs = dict(algorithm=algorithm, world_size=world_size, seed=seed)
+        python = packing.pack_flat(array, 4096, backend="python", **kwargs)
+        for variant in (array, array.astype(np.int32), array.tolist()):
+            cpp = packing.pack_flat(variant, 4096, backend="cpp", **kwargs)
+            np.testing.assert_array_equal(cpp.items, python.items)
+            np.testing.assert_array_equal(cpp.offsets, python.offsets)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_api_input_containers_agree(backend):
+    rng = np.random.default_rng(6)
+    lengths = rng.integers(0, 60, 300)
+    expected = packing.pack(lengths.tolist(), 64, world_size=2, seed=3, backend=backend)
+    variants = [lengths.tolist(), tuple(lengths.tolist()), iter(lengths.tolist()), lengths, lengths.astype(np.int32),
+                lengths.astype(">i8"), lengths.astype(">i4"), lengths.astype(np.uint16), lengths.astype(np.uint64),
+                np.repeat(lengths, 2)[::2], lengths.astype(np.int32)[::-1][::-1]]
+    for variant in variants:
+        flat = packing.pack_flat(variant, 64, world_size=2, seed=3, backend=backend)
+        assert flat.to_lists() == expected, f"{type(variant).__name__} {getattr(variant, 'dtype', '')}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flat_api_empty_input(backend):
+    for empty in ([], np.zeros(0, dtype=np.int32)):
+        flat = packing.pack_flat(empty, 10, backend=backend)
+        assert len(flat) == 0 and flat.items.shape == (0,) and flat.offsets.tolist() == [0]
+        assert flat.to_lists() == []
+
+
+def test_packed_bins_checks_and_indexing():
+    flat = packing.PackedBins(np.array([2, 0, 1, 3], dtype=np.int64), np.array([0, 1, 3, 4], dtype=np.int64))
+    assert flat.bin(-1).tolist() == [3] and flat.bin(1).tolist() == [0, 1]
+    with pytest.raises(IndexError, match="bin 3"):
+        flat.bin(3)
+    with pytest.raises(TypeError, match="items"):
+        packing.PackedBins(np.array([0, 1], dtype=np.int32), np.array([0, 2], dtype=np.int64))
+    with pytest.raises(TypeError, match="offsets"):
+        packing.PackedBins(np.array([0, 1], dtype=np.int64), [0, 2])
+    with pytest.raises(ValueError, match="end at len"):
+        packing.PackedBins(np.array([0, 1], dtype=np.int64), np.array([0, 1], dtype=np.int64))
+    with pytest.raises(ValueError, match="start at 0"):
+        packing.PackedBins(np.array([0, 1], dtype=np.int64), np.array([1, 2], dtype=np.int64))
+
+
+def test_pack_stats_accepts_packed_bins():
+    lengths = [5, 3, 7, 2, 4]
+    flat = packing.pack_flat(lengths, 8, seed=None)
+    assert packing.pack_stats(lengths, flat, 8) == packing.pack_stats(lengths, flat.to_lists(), 8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,9 +425,12 @@ def test_environment_forces_python_and_cpp_is_not_called(monkeypatch):
     monkeypatch.setattr(packing, "_cpp_module", lambda: Exploding())
     monkeypatch.setenv(packing.BACKEND_ENV, "python")
     assert packing.pack([5, 3, 7], 8, seed=None) == reference_pack([5, 3, 7], 8, "bfd")
+    assert packing.pack_flat(np.array([5, 3, 7]), 8, seed=None).to_lists() == reference_pack([5, 3, 7], 8, "bfd")
     monkeypatch.delenv(packing.BACKEND_ENV)
     with pytest.raises(AssertionError, match="C\\+\\+ backend used"):
         packing.pack([5, 3, 7], 8)
+    with pytest.raises(AssertionError, match="C\\+\\+ backend used"):
+        packing.pack_flat([5, 3, 7], 8)
 
 
 def test_missing_extension_falls_back(monkeypatch):
