@@ -97,6 +97,21 @@ def test_many_bins_matches_reference(backend, algorithm):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", packing.ALGORITHMS)
+@settings(max_examples=25, deadline=None)
+@given(data=packing_inputs(max_items=60), as_array=st.booleans())
+def test_capacity_beyond_int32_matches_reference(backend, algorithm, data, as_array):
+    # Past 2**31 - 1 the C++ side keeps lengths and rooms in int64 (list input and first-fit tree alike).
+    lengths, capacity = data
+    scale = 2**33 + 1
+    lengths, capacity = [x * scale for x in lengths], capacity * scale
+    inputs = np.array(lengths, dtype=np.int64) if as_array else lengths
+    bins = packing.pack(inputs, capacity, algorithm=algorithm, seed=None, backend=backend)
+    assert bins == reference_pack(lengths, capacity, algorithm)
+    assert packing.pack_flat(inputs, capacity, algorithm=algorithm, seed=None, backend=backend).to_lists() == bins
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", packing.ALGORITHMS)
 @SETTINGS
 @given(data=packing_inputs(), world_size=st.integers(1, 5), seed=st.one_of(st.none(), st.integers(-(2**70), 2**70)))
 def test_is_a_packing_within_bounds(backend, algorithm, data, world_size, seed):
