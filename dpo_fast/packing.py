@@ -39,10 +39,11 @@ first for world_size > 1.
 Output: `pack` returns the bins as lists of item indexes; `pack_flat` returns the same bins as a
 `PackedBins`, two int64 numpy arrays: `items` (the item indexes, bin after bin in output order) and
 `offsets` (num_bins + 1 entries, bin i is items[offsets[i]:offsets[i + 1]]), the layout of `cu_seqlens`.
-The flat API exists because the lists cost more than the packing: at 10^6 pairs the C++ packer needs ~17 ms
-to write the arrays and ~31 ms more to create the 10^6 Python ints and 10^5 lists of `pack` (2-core VM;
-benchmarks/bench_packing.py and benchmarks/results/packing-cpu.md). Prefer it for large inputs, with the
-lengths as an int32 or int64 numpy array, which the C++ side reads in place.
+The flat API exists because the lists cost more than the packing: at 10^6 pairs (bfd, capacity 8192,
+2-core VM, benchmarks/results/packing-cpu.md) C++ `pack_flat` takes 20 ms from a list (18 ms from an int64
+array), C++ `pack` 45 ms, the difference being the 10^6 Python ints and 10^5 lists it creates; the
+pure-Python backend takes 1.3-1.4 s either way. Prefer `pack_flat` for large inputs, with the lengths as an
+int32 or int64 numpy array, which the C++ side reads in place.
 
     pack_flat([5, 3, 7, 2, 4], 8, seed=None)    items [2, 0, 1, 4, 3]   offsets [0, 1, 3, 5]
 
