@@ -34,7 +34,8 @@ from ..losses import LENGTH_NORMALISED, PAIR_SEPARABLE, DPOOutput, LossConfig, l
 # largest allocation besides the gradients and the scratch. At the CPU benchmark shape (4096 tokens,
 # H=512, V=32000, fp32, 1 thread; naive: 3.65 s CPU, 1500 MiB): 128 tokens -> 3.30 s, 154 MiB extra;
 # 256 -> 3.15 s, 170 MiB; 64 -> ~20% slower than 128, 149 MiB. With dh written in place and 2-row softmax
-# slices (below): 128 -> 0.88x naive, 150.7 MiB; 112 -> 0.95x, 149.2 MiB (time ratios, same run).
+# slices (below): 128 -> 0.88x naive, 150.7 MiB; 112 -> 0.95x, 149.2 MiB (time ratios, same run). With no
+# tile temporary outliving its tile and consecutive rows as views: 128 -> 0.87x, 149.0 MiB (commit f158e56).
 DEFAULT_CHUNK_TOKENS = 128
 
 # Losses that depend on rho_c - rho_r alone, so g_r / g_c is fixed before the pair is seen.
