@@ -284,7 +284,11 @@ def test_hook_declines_batch_coupled_losses(loss_type):
     assert _hook(loss_type, "torch") is None
 
 
-def test_hook_declines_other_backends():
+def test_hook_declines_triton_unless_its_one_pass_is_enabled(monkeypatch):
+    # The triton backend's own one-pass schedule is opt-in (tests/test_triton_one_pass.py covers it on).
+    from dpo_fast.ops import triton_one_pass
+
+    monkeypatch.setattr(triton_one_pass, "ENABLED", False)
     assert _hook("sigmoid", "triton") is None
 
 

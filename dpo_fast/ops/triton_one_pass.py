@@ -139,7 +139,7 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
                 continue
             span = rows_of.span(start, end)
             h = rows_of.take(hidden, start, end, span)
-            y = rows_of.take(labels, start, end, span).contiguous()
+            y = rows_of.take(labels, start, end, span).to(torch.int64).contiguous()  # the kernels read int64
             logits = buffer[: (end - start) * v].view(end - start, v)
             if bias is None:
                 torch.mm(h, weight.T, out=logits)
