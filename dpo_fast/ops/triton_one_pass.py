@@ -57,10 +57,6 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 ENABLED = False
 
 
-def _max_pair_tokens(offsets: list[int]) -> int:
-    return max((offsets[2 * i + 2] - offsets[2 * i] for i in range(len(offsets) // 2)), default=0)
-
-
 def applies(config: LossConfig, hidden: Tensor, weight: Tensor, labels: Tensor, segment_ids: Tensor,
             num_sequences: int, ignore_index: int) -> bool:
     """True when this schedule can run: a pair-separable loss, bf16/fp32, every pair within the budget."""
