@@ -6,7 +6,7 @@
 # The limits add up to 8 minutes; the end-to-end run comes last so a slow start cannot cost the rest.
 # Results and logs go to benchmarks/results/ and, when $OUT is set, are copied into $OUT.
 #
-#   bash benchmarks/gpu_check.sh            # PY=python by default; .venv/bin/python when present
+#   bash benchmarks/gpu_check.sh            # PY=python3 by default; .venv/bin/python when present
 #
 # On the lent device machine (its image lacks datasets, TRL and Liger-Kernel): first, here,
 # `bash benchmarks/device_wheels.sh` fills .whl/; then run this script there carrying .whl.
@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-}"
 if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 LOG_DIR="benchmarks/results/gpu_check_logs"
 mkdir -p "$LOG_DIR"

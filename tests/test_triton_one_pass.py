@@ -26,8 +26,8 @@ def _case(*args, **kwargs):
 def _run(hidden, weight, bias, labels, ref_c, ref_r, *, segment_ids=None, **kwargs):
     config = LossConfig(**kwargs)
     flat = _FlatHidden(hidden, labels, segment_ids, IGNORE, weight.shape[0])
-    assert triton_one_pass.applies(config, flat.values, weight, flat.labels, flat.segment_ids, flat.num_sequences,
-                                   IGNORE)
+    assert triton_one_pass.applies(config, flat.values, weight, bias, flat.labels, flat.segment_ids,
+                                   flat.num_sequences, IGNORE)
     lengths = flat.lengths() if config.needs_lengths else None
     return triton_one_pass.linear_dpo_loss_pair_chunks(
         config, flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE, ref_c, ref_r,
@@ -85,12 +85,14 @@ def test_no_grad_gives_the_log_probs():
 def test_declines_what_it_cannot_do(monkeypatch):
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(25, "sigmoid", torch.float32)
     flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
-    args = (flat.values, weight, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE)
+    args = (flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE)
     config = LossConfig(**kwargs)
     assert triton_one_pass.applies(config, *args)
     assert not triton_one_pass.applies(LossConfig(beta=0.1, loss_type="aot"), *args)  # not pair-separable
-    half = (flat.values.half(), weight.half(), *args[2:])
+    half = (flat.values.half(), weight.half(), bias.half(), *args[3:])
     assert not triton_one_pass.applies(config, *half)  # float16: left to the fused kernels
+    mixed = (flat.values.bfloat16(), weight.bfloat16(), bias, *args[3:])
+    assert not triton_one_pass.applies(config, *mixed)  # a float32 bias on a bf16 head: the fused kernels
     # A budget below the largest pair's logits: the fused kernels keep memory bounded instead.
     largest = int(torch.bincount(flat.segment_ids[flat.labels != IGNORE] % (flat.num_sequences // 2)).max())
     monkeypatch.setattr(triton_one_pass, "LOGITS_BUDGET_BYTES", _budget_for(largest, weight.shape[0],

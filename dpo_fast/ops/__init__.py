@@ -50,7 +50,8 @@ def linear_dpo_loss_one_pass(config, flat, weight, bias, ref_chosen_logps, ref_r
         from . import triton_one_pass
 
         if not triton_one_pass.ENABLED or not triton_one_pass.applies(
-                config, flat.values, weight, flat.labels, flat.segment_ids, flat.num_sequences, flat.ignore_index):
+                config, flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences,
+                flat.ignore_index):
             return None
         check_ref("ref_chosen_logps", ref_chosen_logps, b, flat.values.device)
         check_ref("ref_rejected_logps", ref_rejected_logps, b, flat.values.device)

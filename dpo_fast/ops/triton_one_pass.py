@@ -27,6 +27,8 @@ TRITON_INTERPRET=1 like every Triton path (the tests' route), where the products
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -57,13 +59,14 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 ENABLED = False
 
 
-def applies(config: LossConfig, hidden: Tensor, weight: Tensor, labels: Tensor, segment_ids: Tensor,
-            num_sequences: int, ignore_index: int) -> bool:
-    """True when this schedule can run: a pair-separable loss, bf16/fp32, every pair within the budget."""
+def applies(config: LossConfig, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+            segment_ids: Tensor, num_sequences: int, ignore_index: int) -> bool:
+    """True when this schedule can run: a pair-separable loss, bf16/fp32 (hidden, weight and bias alike),
+    every pair within the budget."""
     if config.loss_type not in PAIR_SEPARABLE or hidden.dtype not in SUPPORTED_DTYPES:
         return False
-    if weight.dtype != hidden.dtype:
-        return False
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != weight.dtype):
+        return False  # the lm_head's product needs one dtype; the fused kernels take mixed ones
     scored = labels != ignore_index
     seg = segment_ids[scored]
     b = num_sequences // 2
@@ -120,7 +123,6 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
         need_grads = need_h or need_w or need_b
         order, offsets = _group_by_pair(labels, segment_ids, ignore_index, b)
         rows_of = _OrderedRows(order)
-        labels = labels.contiguous()
         dhidden = torch.zeros_like(hidden) if need_h else None
         dweight = torch.zeros_like(weight) if need_w else None
         dbias = torch.zeros(v, dtype=torch.float32, device=device) if need_b else None
@@ -128,42 +130,46 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
         groups = _pair_groups(offsets, b, v, hidden.element_size())
         buffer = torch.empty(max((offsets[2 * i1] - offsets[2 * i0] for i0, i1 in groups), default=0) * v,
                              dtype=dtype, device=device)
+        # Sequence of each scored token in pair order (2i: pair i's chosen response, 2i + 1: its rejected
+        # one), built once: per group it would cost two host syncs (a copy to the device, repeat_interleave).
+        counts = torch.tensor([offsets[j + 1] - offsets[j] for j in range(2 * b)], device=device)
+        sequence_of = torch.repeat_interleave(torch.arange(2 * b, device=device), counts, output_size=offsets[-1])
 
-        for i0, i1 in groups:
-            start, end = offsets[2 * i0], offsets[2 * i1]
-            if end == start:
-                continue
-            span = rows_of.span(start, end)
-            h = rows_of.take(hidden, start, end, span)
-            y = rows_of.take(labels, start, end, span).to(torch.int64).contiguous()  # the kernels read int64
-            logits = buffer[: (end - start) * v].view(end - start, v)
-            if bias is None:
-                torch.mm(h, weight.T, out=logits)
-            else:
-                torch.addmm(bias, h, weight.T, out=logits)
-            tok, lse = _launch_forward(logits, y, ignore_index)
-            # Local sequence of each token: 2k is pair i0 + k's chosen response, 2k + 1 its rejected one.
-            counts = torch.tensor([offsets[j + 1] - offsets[j] for j in range(2 * i0, 2 * i1)], device=device)
-            local = torch.repeat_interleave(torch.arange(2 * (i1 - i0), device=device), counts)
-            sums = torch.zeros(2 * (i1 - i0), dtype=torch.float32, device=device).index_add_(0, local, tok)
-            seq[i0:i1], seq[b + i0:b + i1] = sums[0::2], sums[1::2]
-            if not need_grads:
-                continue
-            g_c, g_r = _pair_grads(config, sums[0::2], sums[1::2], ref_chosen, ref_rejected, lengths, i0, i1, b)
-            g_tok = torch.stack([g_c, g_r], dim=1).reshape(-1)[local].contiguous()
-            _launch_backward_in_place(logits, y, lse, g_tok, ignore_index)  # logits now holds D
-            if need_h:
-                dh = torch.mm(logits, weight)
-                if span is not None:
-                    dhidden[span] = dh
+        # The kernels launch on the current CUDA device: make it the tensors' one.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            for i0, i1 in groups:
+                start, end = offsets[2 * i0], offsets[2 * i1]
+                if end == start:
+                    continue
+                span = rows_of.span(start, end)
+                h = rows_of.take(hidden, start, end, span)
+                y = rows_of.take(labels, start, end, span).to(torch.int64).contiguous()  # the kernels read int64
+                logits = buffer[: (end - start) * v].view(end - start, v)
+                if bias is None:
+                    torch.mm(h, weight.T, out=logits)
                 else:
-                    dhidden.index_copy_(0, order[start:end], dh)
-                del dh
-            if need_w:
-                dweight.addmm_(logits.T, h)
-            if need_b:
-                dbias.add_(logits.sum(dim=0, dtype=torch.float32))
-            del h, logits
+                    torch.addmm(bias, h, weight.T, out=logits)
+                tok, lse = _launch_forward(logits, y, ignore_index)
+                local = sequence_of[start:end] - 2 * i0  # 2k: pair i0 + k's chosen response, 2k + 1 its rejected
+                sums = torch.zeros(2 * (i1 - i0), dtype=torch.float32, device=device).index_add_(0, local, tok)
+                seq[i0:i1], seq[b + i0:b + i1] = sums[0::2], sums[1::2]
+                if not need_grads:
+                    continue
+                g_c, g_r = _pair_grads(config, sums[0::2], sums[1::2], ref_chosen, ref_rejected, lengths, i0, i1, b)
+                g_tok = torch.stack([g_c, g_r], dim=1).reshape(-1)[local].contiguous()
+                _launch_backward_in_place(logits, y, lse, g_tok, ignore_index)  # logits now holds D
+                if need_h:
+                    dh = torch.mm(logits, weight)
+                    if span is not None:
+                        dhidden[span] = dh
+                    else:
+                        dhidden.index_copy_(0, order[start:end], dh)
+                    del dh
+                if need_w:
+                    dweight.addmm_(logits.T, h)
+                if need_b:
+                    dbias.add_(logits.sum(dim=0, dtype=torch.float32))
+                del h, logits
 
         loss = _batch_loss(config, seq, b, ref_chosen, ref_rejected, lengths)
         ctx.mark_non_differentiable(seq)
