@@ -139,6 +139,26 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _same_training(s, steps: int) -> dict:
+    """The settings both trainers get under the same names: steps, batch, optimizer, clipping, seed, beta."""
+    return dict(
+        max_steps=steps,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        seed=s.seed,
+        beta=s.beta,
+        max_length=s.max_length,
+    )
+
+
 def _trl_trainer(
     s: Settings, model, tokenizer, pairs, steps: int, out_dir: str, step_ends: list[tuple[float, float]]
 ):
@@ -172,22 +192,9 @@ def _trl_trainer(
     )
     args = trl.DPOConfig(
         output_dir=out_dir,
-        max_steps=steps,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type="constant",
+        **_same_training(s, steps),
         warmup_steps=0,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        seed=s.seed,
-        beta=s.beta,
         loss_type=["sigmoid"],
-        max_length=s.max_length,
         train_sampling_strategy="sequential",
         logging_steps=1,
         save_strategy="no",
@@ -220,22 +227,9 @@ def _dpo_fast_trainer(
     config = DPOConfig(
         output_dir=out_dir,
         overwrite_output_dir=True,
-        max_steps=steps,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type="constant",
+        **_same_training(s, steps),
         warmup_ratio=0.0,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        seed=s.seed,
-        beta=s.beta,
         loss_type="sigmoid",
-        max_length=s.max_length,
         layout="prefix_shared",
         precompute_ref=s.contender == "dpo_fast+precomputed_ref",
         logging_steps=1,

@@ -56,34 +56,23 @@ def min_tokens_per_pair(config: LossConfig) -> int:
     return MIN_TOKENS_PER_PAIR["one buffer" if single_buffer_applies(config) else "two buffers"]
 
 
-class _PairGrads:
-    """Per-pair dL_i/dlogp_c and dL_i/dlogp_r from the [1]-sized pair loss, by torch autograd."""
-
-    def __init__(self, config: LossConfig, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
-                 lengths: Tensor | None, num_pairs: int, dtype: torch.dtype):
-        self.config = config
-        self.ref_chosen = None if ref_chosen is None else ref_chosen.detach()
-        self.ref_rejected = None if ref_rejected is None else ref_rejected.detach()
-        self.lengths = lengths
-        self.num_pairs = num_pairs
-        self.dtype = dtype
-
-    def __call__(self, i: int, logp_c: Tensor, logp_r: Tensor) -> tuple[Tensor, Tensor]:
-        b = self.num_pairs
-        pc = logp_c.detach().reshape(1).to(self.dtype).requires_grad_()
-        pr = logp_r.detach().reshape(1).to(self.dtype).requires_grad_()
-        sl = slice(i, i + 1)
-        with torch.enable_grad():
-            out = loss_from_logps(
-                self.config, pc, pr,
-                None if self.ref_chosen is None else self.ref_chosen[sl],
-                None if self.ref_rejected is None else self.ref_rejected[sl],
-                chosen_lengths=None if self.lengths is None else self.lengths[i:i + 1],
-                rejected_lengths=None if self.lengths is None else self.lengths[b + i:b + i + 1],
-            )
-            gc, gr = torch.autograd.grad(out.losses.sum(), (pc, pr))
-        # The loss is the mean over pairs.
-        return gc[0] / b, gr[0] / b
+def pair_grads(config: LossConfig, logp_c: Tensor, logp_r: Tensor, ref_chosen: Tensor | None,
+               ref_rejected: Tensor | None, lengths: Tensor | None, i0: int, i1: int,
+               num_pairs: int) -> tuple[Tensor, Tensor]:
+    """dL/dlogp_c and dL/dlogp_r of pairs i0..i1 ([i1 - i0] each, torch autograd on their loss), L being
+    the mean loss over all num_pairs pairs. logp_c, logp_r: the pairs' [i1 - i0] sequence log-probs."""
+    pc = logp_c.detach().reshape(-1).clone().requires_grad_()
+    pr = logp_r.detach().reshape(-1).clone().requires_grad_()
+    with torch.enable_grad():
+        out = loss_from_logps(
+            config, pc, pr,
+            None if ref_chosen is None else ref_chosen.detach()[i0:i1],
+            None if ref_rejected is None else ref_rejected.detach()[i0:i1],
+            chosen_lengths=None if lengths is None else lengths[i0:i1],
+            rejected_lengths=None if lengths is None else lengths[num_pairs + i0:num_pairs + i1],
+        )
+        g_c, g_r = torch.autograd.grad(out.losses.sum() / num_pairs, (pc, pr))
+    return g_c, g_r
 
 
 def _group_by_pair(labels: Tensor, segment_ids: Tensor, ignore_index: int, num_pairs: int):
@@ -194,7 +183,6 @@ class TorchOnePassLinearDPO(torch.autograd.Function):
         device = hidden.device
         order, offsets = _group_by_pair(labels, segment_ids, ignore_index, b)
         rows_of = _OrderedRows(order)
-        pair_grads = _PairGrads(config, ref_chosen, ref_rejected, lengths, b, acc)
         w_acc = weight if weight.dtype == acc else None  # a float32 copy of a bf16 weight is avoided
         dhidden = torch.zeros_like(hidden) if need_h else None
         dweight = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
@@ -268,8 +256,8 @@ class TorchOnePassLinearDPO(torch.autograd.Function):
                     del h_acc
 
             seq[i], seq[b + i] = logp[0], logp[1]
-            g_c, g_r = pair_grads(i, logp[0], logp[1])
-            g_c, g_r = g_c.to(acc), g_r.to(acc)
+            g_c, g_r = pair_grads(config, logp[:1], logp[1:], ref_chosen, ref_rejected, lengths, i, i + 1, b)
+            g_c, g_r = g_c[0], g_r[0]
             if need_w:
                 for j, g in enumerate((g_c,) if single_buffer else (g_c, g_r)):
                     if not fresh[j]:

@@ -174,6 +174,39 @@ def _backward_impl(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | 
     )
 
 
+class _GroupedWeightGrad:
+    """dweight [V, H] summed one vocab group at a time. A float32 weight's gradient is accumulated in place
+    (one group, the whole vocabulary). A 16-bit one is still the float32 sum over all tokens, rounded once,
+    but its float32 rows exist for one group at a time: a [group, H] buffer instead of a [V, H] one
+    (Llama-3's head: 2.1 GB -> <= 277 MB). `need_weight` False: groups of the whole vocabulary, no storage.
+    """
+
+    def __init__(self, w: Tensor, need_weight: bool, block_v: int):
+        v, hs = w.shape
+        self.in_place = w.dtype == torch.float32
+        self.rows = weight_group_rows(v, hs, block_v, w.device) if need_weight and not self.in_place else v
+        self.dweight = self.buffer = None
+        if need_weight:
+            self.dweight = torch.zeros((v, hs), dtype=torch.float32, device=w.device) if self.in_place else \
+                torch.empty((v, hs), dtype=w.dtype, device=w.device)
+            if not self.in_place:
+                self.buffer = torch.empty((self.rows, hs), dtype=torch.float32, device=w.device)
+
+    def groups(self, v: int):
+        """(first, last, float32 accumulator of rows first..last or None); each group's accumulator is
+        rounded into dweight once the loop body for it is done."""
+        for first in range(0, v, self.rows):
+            last = min(first + self.rows, v)
+            if self.dweight is None:
+                yield first, last, None
+            elif self.in_place:
+                yield first, last, self.dweight[first:last]
+            else:
+                acc = self.buffer[: last - first].zero_()
+                yield first, last, acc
+                self.dweight[first:last].copy_(acc)
+
+
 def _backward_tiles(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias, common, *, v_splits,
                     chunk_tokens):
     """All tl.dot: float32 accumulators for dhidden [N, H] and dbias [V]; dweight in float32 for one vocab
@@ -190,23 +223,8 @@ def _backward_tiles(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias
             )
     if need_weight or need_bias:
         acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
-        # A float32 weight's gradient is accumulated in place. A 16-bit one is the float32 sum over all
-        # tokens rounded once, as before, but the float32 rows exist for one vocab group at a time: a
-        # [group, H] buffer instead of a [V, H] one (Llama-3's head: 2.1 GB -> <= 277 MB).
-        in_place = w.dtype == torch.float32
-        dweight = buffer = None
-        rows = v
-        if need_weight:
-            dweight = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if in_place else \
-                torch.empty((v, hs), dtype=w.dtype, device=h.device)
-            if not in_place:
-                rows = weight_group_rows(v, hs, block_v, h.device)
-                buffer = torch.empty((rows, hs), dtype=torch.float32, device=h.device)
-        for first in range(0, v, rows):
-            last = min(first + rows, v)
-            acc_w = None
-            if need_weight:
-                acc_w = dweight[first:last] if in_place else buffer[: last - first].zero_()
+        weight_grad = _GroupedWeightGrad(w, need_weight, block_v)
+        for first, last, acc_w in weight_grad.groups(v):
             # The group's slice of the head: labels are shifted so that the onehot compares group-local ids
             # (a label outside the group matches no column; ignored tokens have g == 0 and are skipped).
             wrap_triton(_linear_logps_bwd_weight)[(triton.cdiv(last - first, block_v),)](
@@ -215,9 +233,7 @@ def _backward_tiles(h, w, b, labels, lse, g, need_hidden, need_weight, need_bias
                 n, last - first, hs, h.stride(0), w.stride(0), COMPUTE_WEIGHT=need_weight, COMPUTE_BIAS=need_bias,
                 **common,
             )
-            if need_weight and not in_place:
-                dweight[first:last].copy_(acc_w)
-        return acc_h, dweight, acc_b
+        return acc_h, weight_grad.dweight, acc_b
     return acc_h, None, None
 
 
@@ -237,19 +253,13 @@ def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bi
     """
     n, v, hs = h.shape[0], w.shape[0], h.shape[1]
     block_n, block_v = common["BLOCK_N"], common["BLOCK_V"]
-    weight_in_place = w.dtype == torch.float32
-    rows = weight_group_rows(v, hs, block_v, h.device) if need_weight and not weight_in_place else v
+    weight_grad = _GroupedWeightGrad(w, need_weight, block_v)
+    rows = weight_grad.rows
     grouped = rows < v
     acc_h = None
     if need_hidden:
         acc_h = torch.zeros((n, hs), dtype=torch.float32, device=h.device) if grouped else \
             torch.empty((n, hs), dtype=h.dtype, device=h.device)
-    dweight = buffer = None
-    if need_weight:
-        dweight = torch.zeros((v, hs), dtype=torch.float32, device=h.device) if weight_in_place else \
-            torch.empty((v, hs), dtype=w.dtype, device=h.device)
-        if not weight_in_place:
-            buffer = torch.empty((rows, hs), dtype=torch.float32, device=h.device)
     acc_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_bias else None
     # One flat buffer viewed as [chunk, group columns]: the kernel writes contiguous rows.
     dlogits_flat = torch.empty(min(chunk_tokens, n) * rows, dtype=h.dtype, device=h.device)
@@ -261,14 +271,10 @@ def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bi
         # 2^ceil(log2 max|g|): dividing and multiplying by it are exact, and |d| <= 1 (no fp16 underflow).
         bound = g[s:e].abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
         chunks.append((s, e, torch.exp2(torch.ceil(torch.log2(bound))).reshape(1)))
-    for first in range(0, v, rows):
-        last = min(first + rows, v)
+    for first, last, acc_w in weight_grad.groups(v):
         cols = last - first
         w_group = w[first:last]
         labels_group = labels if first == 0 else labels - first  # group-local ids for the onehot
-        acc_w = None
-        if need_weight:
-            acc_w = dweight[first:last] if weight_in_place else buffer[:cols].zero_()
         for s, e, scale in chunks:
             d = dlogits_flat[: (e - s) * cols].view(e - s, cols)
             wrap_triton(_linear_logps_bwd_dlogits)[(triton.cdiv(e - s, block_n), triton.cdiv(cols, block_v))](
@@ -289,9 +295,7 @@ def _backward_chunked(h, w, b, labels, lse, g, need_hidden, need_weight, need_bi
                     acc_w[r:r + piece_rows].add_(part.float().mul_(scale))
             if need_bias:
                 acc_b[first:last].add_(d.sum(dim=0, dtype=torch.float32).mul_(scale))
-        if need_weight and not weight_in_place:
-            dweight[first:last].copy_(acc_w)
-    return acc_h, dweight, acc_b
+    return acc_h, weight_grad.dweight, acc_b
 
 
 if _COMPILED:

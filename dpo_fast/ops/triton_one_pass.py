@@ -34,7 +34,7 @@ from torch import Tensor
 
 from dpo_fast.kernels.logps import _token_logps_bwd, _token_logps_fwd
 
-from ..losses import PAIR_SEPARABLE, LossConfig, loss_from_logps
+from ..losses import PAIR_SEPARABLE, LossConfig
 from .torch_one_pass import (
     _batch_loss,
     _group_by_pair,
@@ -42,6 +42,7 @@ from .torch_one_pass import (
     check_pair_inputs,
     hand_over_grads,
     one_pass_output,
+    pair_grads,
 )
 from .triton_logps import _num_warps, default_block_v
 
@@ -155,7 +156,7 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
                 seq[i0:i1], seq[b + i0:b + i1] = sums[0::2], sums[1::2]
                 if not need_grads:
                     continue
-                g_c, g_r = _pair_grads(config, sums[0::2], sums[1::2], ref_chosen, ref_rejected, lengths, i0, i1, b)
+                g_c, g_r = pair_grads(config, sums[0::2], sums[1::2], ref_chosen, ref_rejected, lengths, i0, i1, b)
                 g_tok = torch.stack([g_c, g_r], dim=1).reshape(-1)[local].contiguous()
                 _launch_backward_in_place(logits, y, lse, g_tok, ignore_index)  # logits now holds D
                 if need_h:
@@ -180,24 +181,6 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_seq: Tensor | None):
         return (*hand_over_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None)
-
-
-def _pair_grads(config: LossConfig, logp_c: Tensor, logp_r: Tensor, ref_chosen: Tensor | None,
-                ref_rejected: Tensor | None, lengths: Tensor | None, i0: int, i1: int,
-                num_pairs: int) -> tuple[Tensor, Tensor]:
-    """dL/dlogp_c and dL/dlogp_r of pairs i0..i1, L being the mean loss over all num_pairs pairs."""
-    pc = logp_c.detach().clone().requires_grad_()
-    pr = logp_r.detach().clone().requires_grad_()
-    with torch.enable_grad():
-        out = loss_from_logps(
-            config, pc, pr,
-            None if ref_chosen is None else ref_chosen.detach()[i0:i1],
-            None if ref_rejected is None else ref_rejected.detach()[i0:i1],
-            chosen_lengths=None if lengths is None else lengths[i0:i1],
-            rejected_lengths=None if lengths is None else lengths[num_pairs + i0:num_pairs + i1],
-        )
-        g_c, g_r = torch.autograd.grad(out.losses.sum() / num_pairs, (pc, pr))
-    return g_c, g_r
 
 
 def linear_dpo_loss_pair_chunks(config: LossConfig, hidden: Tensor, weight: Tensor, bias: Tensor | None,
