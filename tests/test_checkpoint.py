@@ -1,0 +1,210 @@
+"""Checkpoints: manifest validation and fallback, lineage, run-settings comparison, failed writes, tokenizer."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_tokenizer import make_tokenizer  # noqa: E402
+
+from dpo_fast import checkpoint as ckpt  # noqa: E402
+from dpo_fast.config import DPOConfig  # noqa: E402
+
+
+def save(output_dir, step, *, lineage=None, tokenizer=None, config=None):
+    weights = {"w": torch.full((3, 5), float(step))}
+    state = {"epoch": 0, "step_in_epoch": step, "config": (config or DPOConfig()).to_dict()}
+    if lineage is not None:
+        state["lineage"] = lineage
+    return ckpt.save_checkpoint(
+        str(output_dir), step, save_model=lambda d: save_file(weights, os.path.join(d, "model.safetensors")),
+        optimizer_state={"state": {}, "param_groups": []}, scheduler_state={"last_epoch": step},
+        trainer_state=state, tokenizer=tokenizer)
+
+
+def test_manifest_records_every_file_and_a_clean_checkpoint_validates(tmp_path):
+    path = save(tmp_path, 1)
+    manifest = json.loads(open(os.path.join(path, ckpt.MANIFEST_FILE)).read())
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt",
+                                      ckpt.STATE_FILE}
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == os.path.getsize(os.path.join(path, name))
+        assert entry["crc32"] == ckpt.file_checksum(os.path.join(path, name))
+    assert ckpt.validate_checkpoint(path) == []
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _scramble_same_size(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _truncate(os.path.join(p, "model.safetensors")), "model.safetensors has"),
+    (lambda p: os.unlink(os.path.join(p, "scheduler.pt")), "scheduler.pt is missing"),
+    (lambda p: os.unlink(os.path.join(p, "optimizer.pt")), "optimizer.pt is missing"),
+    (lambda p: _scramble_same_size(os.path.join(p, "model.safetensors")), "does not match its checksum"),
+    (lambda p: open(os.path.join(p, ckpt.STATE_FILE), "w").write("{garbage"), "not valid JSON"),
+])
+def test_latest_skips_an_invalid_checkpoint_and_an_explicit_one_is_a_one_line_error(tmp_path, damage, message):
+    save(tmp_path, 1)
+    newest = save(tmp_path, 2)
+    damage(newest)
+    assert any(message in p for p in ckpt.validate_checkpoint(newest))
+    warned = []
+    assert ckpt.resolve_resume_path("latest", str(tmp_path), warn=warned.append).endswith("checkpoint-1")
+    assert len(warned) == 1 and "checkpoint-2" in warned[0] and message in warned[0]
+    with pytest.raises(ckpt.CheckpointError, match=message) as info:
+        ckpt.resolve_resume_path(newest, str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_latest_with_no_usable_checkpoint_says_so(tmp_path):
+    with pytest.raises(ckpt.CheckpointNotFound, match="holds no valid checkpoint"):
+        ckpt.resolve_resume_path("latest", str(tmp_path / "empty"))
+    only = save(tmp_path, 3)
+    os.unlink(os.path.join(only, "scheduler.pt"))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-3 invalid"):
+        ckpt.resolve_resume_path("latest", str(tmp_path), warn=lambda m: None)
+
+
+def test_a_checkpoint_without_manifest_is_checked_for_the_files_resume_needs(tmp_path):
+    path = save(tmp_path, 1)
+    os.unlink(os.path.join(path, ckpt.MANIFEST_FILE))
+    assert ckpt.validate_checkpoint(path) == []
+    os.unlink(os.path.join(path, "rng_state_0.pt"))
+    assert ckpt.validate_checkpoint(path) == ["rng_state_0.pt is missing"]
+
+
+def test_latest_follows_the_newest_run_after_a_rollback(tmp_path):
+    first = ckpt.start_lineage(str(tmp_path))
+    assert first["run_index"] == 0 and first["resumed_from"] is None
+    for step in (1, 2, 3):
+        save(tmp_path, step, lineage=first)
+    # Roll back to checkpoint-1; the new run writes checkpoint-2 again, then crashes.
+    second = ckpt.start_lineage(str(tmp_path), resumed_from=str(tmp_path / "checkpoint-1"))
+    assert second["run_index"] == 1
+    assert second["resumed_from"] == {"checkpoint": "checkpoint-1", "step": 1, "run_id": first["run_id"]}
+    save(tmp_path, 2, lineage=second)
+    # checkpoint-3 has the larger step but belongs to the abandoned run.
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    assert ckpt.resolve_resume_path("latest", str(tmp_path)).endswith("checkpoint-2")
+
+
+def test_archive_abandoned_moves_later_checkpoints_out_of_reach(tmp_path):
+    lineage = ckpt.start_lineage(str(tmp_path))
+    for step in (1, 2, 3):
+        save(tmp_path, step, lineage=lineage)
+    moved = ckpt.archive_abandoned(str(tmp_path), str(tmp_path / "checkpoint-1"))
+    assert sorted(os.path.basename(p) for p in moved) == [f"checkpoint-{s}-{lineage['run_id'][:8]}" for s in (2, 3)]
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1]
+    assert all(ckpt.validate_checkpoint(p) == [] for p in moved)
+
+
+def test_a_failed_write_removes_the_temporary_directory_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save(tmp_path, 1)
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if str(path).endswith("scheduler.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError, match="checkpoint-2 .*no space left on device") as info:
+        save(tmp_path, 2)
+    assert str(tmp_path) in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
+    assert ckpt.resolve_resume_path("latest", str(tmp_path)).endswith("checkpoint-1")
+
+
+def test_a_torch_stream_error_on_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
+    def stream_error(obj, path, *a, **k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(ckpt.torch, "save", stream_error)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("U", (), {"free": 0})())
+    with pytest.raises(ckpt.CheckpointWriteError, match="no space left on device"):
+        save(tmp_path, 1)
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_writable_dir_names_the_path(tmp_path):
+    ckpt.check_writable_dir(str(tmp_path / "new" / "run"))
+    assert os.path.isdir(tmp_path / "new" / "run") and os.listdir(tmp_path / "new" / "run") == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"output_dir .*a-file/run' is not writable"):
+        ckpt.check_writable_dir(str(blocker / "run"))
+
+
+def test_checkpoints_carry_the_tokenizer_and_its_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = make_tokenizer()
+    path = save(tmp_path, 1, tokenizer=tokenizer)
+    loaded = AutoTokenizer.from_pretrained(path)
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert loaded.chat_template == tokenizer.chat_template
+    assert ckpt.validate_checkpoint(path) == []  # the tokenizer files are in the manifest too
+
+
+def settings(config=None, **kw):
+    options = dict(world_size=1, layout="prefix_shared", num_train_pairs=40, data_fingerprint="abc")
+    options.update(kw)
+    return ckpt.run_settings(config or DPOConfig(), **options)
+
+
+def test_resume_refuses_a_changed_run_naming_each_setting():
+    saved = settings()
+    changed = settings(DPOConfig(per_device_train_batch_size=8, beta=0.2, loss_type="hinge", seed=1,
+                                 max_length=512), data_fingerprint="other")
+    check = ckpt.compare_run_settings(saved, changed)
+    text = "; ".join(check.refusals)
+    for name in ("per_device_train_batch_size: checkpoint 4, now 8", "global_batch: checkpoint 4, now 8",
+                 "beta: checkpoint 0.1, now 0.2", "loss_type: checkpoint 'sigmoid', now 'hinge'", "seed:",
+                 "max_length:", "tokenized training data differs"):
+        assert name in text, text
+    assert check.warnings == []
+    with pytest.raises(ckpt.CheckpointError, match="per_device_train_batch_size") as info:
+        ckpt.check_resume("out/checkpoint-4", {"run_settings": saved}, changed)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_warns_about_settings_the_saved_state_overrides_or_that_apply_later():
+    saved = settings()
+    current = settings(DPOConfig(learning_rate=1e-4, logging_steps=5, save_steps=7))
+    check = ckpt.compare_run_settings(saved, current)
+    assert check.refusals == []
+    text = "; ".join(check.warnings)
+    assert "learning_rate: checkpoint 5e-07, now 0.0001: ignored, the saved optimizer and scheduler state keep 5e-07" \
+        in text
+    assert "logging_steps: checkpoint 10, now 5" in text and "save_steps: checkpoint 0, now 7" in text
+    assert ckpt.compare_run_settings(saved, settings()) == ckpt.ResumeCheck([], [])
+
+
+def test_resume_compares_against_the_config_older_checkpoints_saved():
+    legacy = {"config": DPOConfig().to_dict(), "world_size": 1, "num_train_pairs": 40, "global_step": 3}
+    warnings = ckpt.check_resume("c", legacy, settings(DPOConfig(learning_rate=1e-5)))
+    assert len(warnings) == 1 and "learning_rate" in warnings[0]
+    with pytest.raises(ckpt.CheckpointError, match="num_train_pairs: checkpoint 40, now 41"):
+        ckpt.check_resume("c", legacy, settings(num_train_pairs=41))
+    with pytest.raises(ckpt.CheckpointError, match="world_size: checkpoint 1, now 2"):
+        ckpt.check_resume("c", legacy, settings(world_size=2))
+
+
+def test_resume_message():
+    state = {"global_step": 12, "epoch": 1}
+    assert ckpt.resume_message("/runs/x/checkpoint-12/", state) == "resumed from checkpoint-12 (step 12, epoch 1)"
