@@ -33,7 +33,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
+import time
 import uuid
 import warnings
 import zlib
@@ -527,6 +530,76 @@ def check_resume(checkpoint_dir: str, state: Mapping[str, Any], current: Mapping
                               f"({'; '.join(check.refusals)}); resume with the same settings and data, or "
                               "start a new run in another output_dir")
     return [f"resuming from {checkpoint_dir!r}: {note}" for note in check.warnings]
+
+
+# ------------------------------------------------------------------------------------------------
+# When to save: periodically, and on a stop signal (preemption)
+
+
+class SaveSchedule:
+    """When a periodic checkpoint is due: every `every_steps` optimizer steps and/or every `every_minutes`
+    minutes since the last save (0 = that trigger off). With several processes the time-based answer may
+    differ between ranks: take rank 0's (broadcast it with the step's other flags)."""
+
+    def __init__(self, every_steps: int = 0, every_minutes: float = 0.0, *,
+                 clock: Callable[[], float] = time.monotonic):
+        if every_steps < 0 or every_minutes < 0:
+            raise ValueError(f"every_steps and every_minutes must be >= 0, got {every_steps}, {every_minutes}")
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60.0
+        self._clock = clock
+        self._last = clock()
+
+    def due(self, step: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds) and self._clock() - self._last >= self.every_seconds
+
+    def saved(self) -> None:
+        """Call after each checkpoint: the minutes count from here."""
+        self._last = self._clock()
+
+
+class StopRequest:
+    """A context manager during which SIGTERM and SIGINT set a flag instead of ending the process, so that
+    the training loop can finish its step, write a checkpoint and exit with a message (a preempted job
+    then resumes with resume_from_checkpoint='latest'). A second SIGINT (Ctrl-C twice) interrupts at
+    once. Outside the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = signals
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signal is None else signal.Signals(self.signal).name
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def stop_message(signal_name: str, step: int, checkpoint_dir: str) -> str:
+    """What a run stopped by a signal prints last."""
+    return (f"stopped by {signal_name} after step {step}: checkpoint saved in {checkpoint_dir}; continue with "
+            "--resume-from-checkpoint latest")
 
 
 def load_rng_state(checkpoint_dir: str, rank: int) -> None:

@@ -208,3 +208,34 @@ def test_resume_compares_against_the_config_older_checkpoints_saved():
 def test_resume_message():
     state = {"global_step": 12, "epoch": 1}
     assert ckpt.resume_message("/runs/x/checkpoint-12/", state) == "resumed from checkpoint-12 (step 12, epoch 1)"
+
+
+def test_save_schedule_by_steps_and_by_minutes():
+    now = [0.0]
+    by_steps = ckpt.SaveSchedule(every_steps=3, clock=lambda: now[0])
+    assert [s for s in range(1, 10) if by_steps.due(s)] == [3, 6, 9]
+    by_time = ckpt.SaveSchedule(every_minutes=2, clock=lambda: now[0])
+    now[0] = 119.0
+    assert not by_time.due(1)
+    now[0] = 120.0
+    assert by_time.due(2)
+    by_time.saved()
+    now[0] = 200.0
+    assert not by_time.due(3)
+    assert not ckpt.SaveSchedule(clock=lambda: now[0]).due(4)
+
+
+def test_stop_request_turns_sigterm_into_a_flag_and_restores_the_handler():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with ckpt.StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before
+    with ckpt.StopRequest() as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C interrupts at once
+    assert "--resume-from-checkpoint latest" in ckpt.stop_message("SIGTERM", 7, "out/checkpoint-7")
