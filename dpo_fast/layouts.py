@@ -129,7 +129,7 @@ def pair_cost(pair: TokenizedPair, layout: str) -> int:
 
 
 def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
-                max_tokens_per_row: int | None = None) -> Batch:
+                max_tokens_per_row: int | None = None, pad_to_multiple_of: int = 1) -> Batch:
     """Lay out `pairs` as one `Batch` (tensors on the CPU, int64).
 
     Args:
@@ -139,6 +139,8 @@ def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
         max_tokens_per_row: for "packed" and "prefix_shared", the row capacity units are packed into
             (None: a single row holding everything); for "padded", an upper bound on a sequence's length.
             A unit longer than it raises.
+        pad_to_multiple_of: the row length is rounded up to a multiple of it (FlexAttention's tile,
+            `dpo_fast.attention.row_multiple`); the extra columns are padding.
     """
     check_layout(layout)
     if len(pairs) == 0:
@@ -147,6 +149,8 @@ def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
         _check_pair(pair, i)
     if max_tokens_per_row is not None and max_tokens_per_row < 1:
         raise ValueError(f"max_tokens_per_row must be a positive token count or None, got {max_tokens_per_row}")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     b = len(pairs)
     if layout == "prefix_shared":
         units = [_prefix_shared(p, i, b + i) for i, p in enumerate(pairs)]
@@ -170,6 +174,7 @@ def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
         # Keep units in input order inside a row: deterministic, and easy to read when debugging.
         rows = sorted(sorted(r) for r in rows)
     width = max(sum(lengths[i] for i in r) for r in rows)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
     def filled(value: int) -> torch.Tensor:
         return torch.full((len(rows), width), value, dtype=torch.long)

@@ -6,6 +6,7 @@ builds from a list of them and what the model and `linear_dpo_loss` consume.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -68,3 +69,8 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int((self.roles != ROLE_PAD).sum())
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory, so that copies to a GPU need not block the host."""
+        tensors = ("input_ids", "labels", "position_ids", "segment_ids", "document_ids", "roles")
+        return dataclasses.replace(self, **{name: getattr(self, name).pin_memory() for name in tensors})

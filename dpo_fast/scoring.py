@@ -2,8 +2,8 @@
 
 `pair_logps` is what precomputes reference log-probs or scores a preference set: it groups pairs into
 batches under a token budget, lays each batch out (`dpo_fast.layouts`), runs the model's backbone to its
-last hidden states with the layout's 4D mask and position ids (`dpo_fast.attention`), and scores only
-the labelled positions with `dpo_fast.ops.linear_token_logps`, one vocabulary tile at a time.
+last hidden states with the layout's attention mask and position ids (`dpo_fast.attention.model_inputs`),
+and scores only the labelled positions with `dpo_fast.ops.linear_token_logps`, one vocabulary tile at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .attention import attention_kwargs
+from .attention import attention_for, attention_implementation, model_inputs, row_multiple, uses_dense_mask
 from .layouts import build_batch, check_layout, group_pairs, unit_lengths
 from .pairs import IGNORE_INDEX, TokenizedPair
 from .validation import resolve_backend
@@ -171,7 +171,9 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair | Mapping[str, An
     Args:
         model: a transformers causal LM (`AutoModelForCausalLM`); attn_implementation "eager", "sdpa",
             "flex_attention" or "flash_attention_*" (not with "prefix_shared"), see
-            `dpo_fast.attention.attention_kwargs`. Scored as is: call `model.eval()` to drop dropout.
+            `dpo_fast.attention.attention_kwargs`; on CUDA the packed layouts run FlexAttention when the
+            model supports it (`preferred_attention`, restored after). Scored as is: call `model.eval()`
+            to drop dropout.
         tokenizer: tokenizes raw rows, and gives the pad (else EOS) id; None pads with 0.
         pairs: TokenizedPair rows, or raw {"prompt", "chosen", "rejected"} rows tokenized here with
             `dpo_fast.tokenization.tokenize_pair(tokenizer, row, max_length=max_length)` (its truncation rules);
@@ -217,29 +219,31 @@ class ScoredBatch:
 def scored_batches(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str, max_length: int,
                    max_tokens_per_batch: int | None, backend: str):
     """Yields a `ScoredBatch` per batch: pairs grouped under a token budget, laid out, run through the
-    backbone with the layout's mask, and scored at labelled positions only by the fused head."""
+    backbone with the layout's attention (`dpo_fast.attention.model_inputs`; FlexAttention for the packed
+    layouts on CUDA when the model supports it, `preferred_attention`), and scored at labelled positions
+    only by the fused head."""
     device = next(model.parameters()).device
     head = output_head(model)
     backbone = backbone_of(model)
-    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     pad_id = pad_token_id(tokenizer)
-    impl = getattr(model.config, "_attn_implementation", None)
     if max_tokens_per_batch is None:
         largest = max(unit_lengths(pairs, layout)) * (2 if layout != "prefix_shared" else 1)
         max_tokens_per_batch = max(8 * max_length, largest)
-    for members in group_pairs(pairs, layout, max_tokens_per_batch=max_tokens_per_batch):
-        batch_pairs = [pairs[i] for i in members]
-        # Rows as long as the batch's longest unit: shorter pairs share rows, and no row pays for more
-        # attention than the longest sequence needs anyway (rows of max_length cost 1.6 s on 20 tiny
-        # pairs on the CPU, against milliseconds).
-        row_tokens = max(unit_lengths(batch_pairs, layout))
-        batch = build_batch(batch_pairs, layout, pad_id=pad_id, max_tokens_per_row=row_tokens)
-        attention = attention_kwargs(batch, impl, dtype, device)
-        hidden = backbone(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                          use_cache=False, **attention)
-        hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-        segments = batch.segment_ids.reshape(-1).to(device)
-        scored = segments >= 0
-        labels = batch.labels.reshape(-1).to(device)[scored]
-        tok = head_token_logps(hidden.reshape(-1, hidden.shape[-1])[scored], head, labels, backend=backend)
-        yield ScoredBatch(list(members), segments[scored], tok)
+    with attention_for(model, layout, device):
+        impl = attention_implementation(model)
+        for members in group_pairs(pairs, layout, max_tokens_per_batch=max_tokens_per_batch):
+            batch_pairs = [pairs[i] for i in members]
+            # A dense mask costs R * L^2: rows as long as the batch's longest unit, so shorter pairs share
+            # rows and no row pays for more attention than the longest sequence needs anyway (rows of
+            # max_length cost 1.6 s on 20 tiny pairs on the CPU, against milliseconds). FlexAttention skips
+            # masked blocks and flash runs varlen: one row, no padding beyond FlexAttention's tile.
+            row_tokens = max(unit_lengths(batch_pairs, layout)) if uses_dense_mask(impl) else None
+            batch = build_batch(batch_pairs, layout, pad_id=pad_id, max_tokens_per_row=row_tokens,
+                                pad_to_multiple_of=row_multiple(impl))
+            hidden = backbone(**model_inputs(model, batch, device), use_cache=False)
+            hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
+            segments = batch.segment_ids.reshape(-1).to(device)
+            scored = segments >= 0
+            labels = batch.labels.reshape(-1).to(device)[scored]
+            tok = head_token_logps(hidden.reshape(-1, hidden.shape[-1])[scored], head, labels, backend=backend)
+            yield ScoredBatch(list(members), segments[scored], tok)

@@ -16,12 +16,14 @@ import torch
 from helpers import assert_close
 
 from dpo_fast.attention import (
+    FLEX_BLOCK_SIZE,
     _next_same_position,
     allowed_pairs,
     attention_kwargs,
     attention_mask_4d,
-    block_mask_mod,
     flex_block_mask,
+    model_inputs,
+    preferred_attention,
     varlen_cu_seqlens,
 )
 from dpo_fast.layouts import build_batch, group_pairs, pair_cost
@@ -124,15 +126,71 @@ def test_attention_mask_4d_values():
         attention_mask_4d(batch, torch.int32)
 
 
+def test_next_same_position_matches_all_pairs_definition():
+    for layout in LAYOUTS:
+        batch = build_batch(mixed_pairs(4), layout, pad_id=0, max_tokens_per_row=100)
+        doc, pos = batch.document_ids, batch.position_ids
+        length = doc.shape[1]
+        cols = torch.arange(length)
+        same = (doc.unsqueeze(2) == doc.unsqueeze(1)) & (pos.unsqueeze(2) == pos.unsqueeze(1)) & \
+            (cols.view(1, 1, -1) > cols.view(1, -1, 1))
+        expected = torch.where(same, cols.view(1, 1, -1), length).amin(-1)
+        assert torch.equal(_next_same_position(doc, pos), expected), layout
+
+
+def materialised(block_mask, rows: int, length: int) -> torch.Tensor:
+    """[R, L, L] bool: what FlexAttention computes from a BlockMask (full blocks all True, partial blocks
+    through its mask_mod, the rest False), written out on a grid; for tests only."""
+    size = block_mask.BLOCK_SIZE[0]
+    blocks = -(-length // size)
+    kind = torch.zeros(rows, blocks, blocks, dtype=torch.long)  # 0 empty, 1 partial, 2 full
+    for value, count, index in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
+                                (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+        for r in range(rows):
+            for q in range(blocks):
+                kind[r, q, index[r, 0, q, :int(count[r, 0, q])].long()] = value
+    kind = kind.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, :length, :length]
+    grid = block_mask.mask_mod(torch.arange(rows).view(-1, 1, 1), 0, torch.arange(length).view(1, -1, 1),
+                               torch.arange(length).view(1, 1, -1))
+    return (kind == 2) | ((kind == 1) & grid)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_flex_mask_mod_matches_mask(layout):
-    batch = build_batch(mixed_pairs(2), layout, pad_id=0, max_tokens_per_row=100)
-    rows, length = batch.input_ids.shape
-    doc, pos, role = batch.document_ids, batch.position_ids, batch.roles
-    mask_mod = block_mask_mod(doc, pos, role, _next_same_position(doc, pos))
-    grid = mask_mod(torch.arange(rows).view(-1, 1, 1), 0, torch.arange(length).view(1, -1, 1),
-                    torch.arange(length).view(1, 1, -1))
-    assert torch.equal(grid, allowed_pairs(batch))
+def test_flex_block_mask_equals_the_rule(layout):
+    """Random batches (one-token prompts and responses, one pair per row, several per row), several tile
+    sizes: the BlockMask FlexAttention runs is the dense rule, and its empty/full blocks are really so."""
+    rng = random.Random(7)
+    for trial in range(12):
+        pairs = mixed_pairs(trial) if trial % 3 == 0 else \
+            random_pairs(trial, rng.randint(1, 6), (1, rng.choice([1, 4, 40])), (1, rng.choice([1, 25])))
+        row = rng.choice([None, 110])
+        batch = build_batch(pairs, layout, pad_id=0, max_tokens_per_row=row,
+                            pad_to_multiple_of=rng.choice([1, 16]))
+        rows, length = batch.input_ids.shape
+        expected = allowed_pairs(batch)
+        assert torch.equal(attention_mask_4d(batch, torch.float32)[:, 0] == 0, expected)
+        for size in (8, 16, 128):
+            block_mask = flex_block_mask(batch, "cpu", block_size=size)
+            assert torch.equal(materialised(block_mask, rows, length), expected), (trial, size)
+            if size == 8 and length >= 64:
+                computed = int((block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).sum())
+                assert computed < rows * (-(-length // size)) ** 2, "masked blocks must be skipped"
+
+
+def test_flex_block_mask_of_a_16k_row_allocates_no_square_tensor():
+    """The whole point of the flex path: memory O(L + (L/128)^2). The profiler's allocation events of
+    building the mask for a 16k-token row stay far below one L x L bool tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pairs = random_pairs(0, 10, (1200, 1300), (200, 300))
+    batch = build_batch(pairs, "prefix_shared", pad_id=0, pad_to_multiple_of=FLEX_BLOCK_SIZE)
+    length = batch.input_ids.shape[1]
+    assert length >= 16384 and length % FLEX_BLOCK_SIZE == 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        flex_block_mask(batch, "cpu")
+    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocations, "the profiler recorded no allocation"
+    assert max(allocations) < length * length // 256, f"largest allocation {max(allocations)} bytes"
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -275,8 +333,8 @@ def tiny_model(arch: str, attn: str):
     torch.manual_seed(0)
     common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
                   attn_implementation=attn, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **common))
+    if arch == "llama":  # head_dim 16: CUDA FlexAttention needs at least 16
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, head_dim=16, **common))
     elif arch == "phi":  # lm_head with a bias, LayerNorm, partial rotary
         model = PhiForCausalLM(PhiConfig(resid_pdrop=0.0, embd_pdrop=0.0, **common))
         torch.nn.init.normal_(model.lm_head.bias)
@@ -309,9 +367,24 @@ def naive_logps(model, pairs):
     return torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
 
 
-MODELS = [("llama", "eager"), ("llama", "sdpa"), ("phi", "sdpa"), ("gemma2", "eager"), ("cohere", "sdpa")]
+MODELS = [("llama", "eager"), ("llama", "sdpa"), ("llama", "flex_attention"), ("phi", "sdpa"),
+          ("gemma2", "eager"), ("gemma2", "flex_attention"), ("cohere", "sdpa")]
 
 
+@pytest.fixture(autouse=True)
+def flex_uncompiled(monkeypatch):
+    """transformers compiles FlexAttention on first use; on the CPU the tests run it eagerly (same maths)."""
+    if torch.cuda.is_available():
+        return
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
+                        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value,
+                                                                                          **kwargs))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("arch,attn", MODELS)
 def test_pair_logps_all_layouts_match_separate_forwards(arch, attn):
     model = tiny_model(arch, attn)
@@ -326,6 +399,54 @@ def test_pair_logps_all_layouts_match_separate_forwards(arch, attn):
         assert chosen.dtype == torch.float32 and chosen.shape == (len(pairs),)
         assert_close(chosen, expected_chosen, torch.float32, f"{arch}/{attn}/{layout} chosen")
         assert_close(rejected, expected_rejected, torch.float32, f"{arch}/{attn}/{layout} rejected")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_sdpa_and_eager_give_the_same_pair_logps():
+    """One model, its three attention implementations: the same numbers through the same layouts."""
+    pairs = mixed_pairs(17)
+    model = tiny_model("llama", "sdpa")
+    results = {}
+    for attn in ("eager", "sdpa", "flex_attention"):
+        model.set_attn_implementation(attn)
+        for layout in LAYOUTS:
+            results[attn, layout] = pair_logps(model, None, pairs, layout=layout, max_length=80,
+                                               max_tokens_per_batch=260)
+    expected = results["eager", "padded"]
+    for key, (chosen, rejected) in results.items():
+        assert_close(chosen, expected[0], torch.float32, f"{key} chosen")
+        assert_close(rejected, expected[1], torch.float32, f"{key} rejected")
+
+
+def test_model_inputs_by_implementation():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch = build_batch(mixed_pairs(8), "prefix_shared", pad_id=0, pad_to_multiple_of=FLEX_BLOCK_SIZE)
+    model = tiny_model("llama", "sdpa")
+    inputs = model_inputs(model, batch, "cpu")
+    assert torch.equal(inputs["input_ids"], batch.input_ids) and torch.equal(inputs["position_ids"],
+                                                                             batch.position_ids)
+    assert torch.equal(inputs["attention_mask"], attention_mask_4d(batch, torch.float32))
+    model.set_attn_implementation("flex_attention")
+    assert isinstance(model_inputs(model, batch, "cpu")["attention_mask"], BlockMask)
+
+
+def test_preferred_attention():
+    """FlexAttention for the packed layouts on CUDA when the class supports it; nothing changes elsewhere."""
+    model = tiny_model("llama", "sdpa")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert preferred_attention(model, "prefix_shared", cuda) == "flex_attention"
+    assert preferred_attention(model, "packed", cuda) == "flex_attention"
+    assert preferred_attention(model, "padded", cuda) == "sdpa"
+    assert preferred_attention(model, "prefix_shared", cpu) == "sdpa"
+    model.config._attn_implementation = "flash_attention_2"
+    assert preferred_attention(model, "packed", cuda) == "flash_attention_2"
+    model.config._attn_implementation = "sdpa"
+    type(model)._supports_flex_attn, supported = False, type(model)._supports_flex_attn
+    try:
+        assert preferred_attention(model, "prefix_shared", cuda) == "sdpa"
+    finally:
+        type(model)._supports_flex_attn = supported
 
 
 def test_pair_logps_reference_path_and_defaults():
