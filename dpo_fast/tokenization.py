@@ -75,6 +75,8 @@ class TokenizeStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     longest_sequence: int = 0
+    longest_prompt_cut: int = 0
+    longest_completion_cut: int = 0
 
     @property
     def num_dropped(self) -> int:
@@ -94,12 +96,18 @@ class TokenizeStats:
 
 
 @dataclass
-class _Outcome:
+class TokenizeOutcome:
+    """What became of one row: its pair, or None and the reason it was dropped (e.g. "empty chosen
+    completion", "chosen and rejected token ids identical after truncation"); whether its prompt or
+    completions were cut, and their lengths before the cut."""
+
     pair: TokenizedPair | None
     drop_reason: str | None = None
     prompt_truncated: bool = False
     completion_truncated: bool = False
     boundary_fallbacks: int = 0
+    prompt_length: int = 0
+    completion_length: int = 0  # the longer completion, before truncation
 
 
 def tokenize_pair(
@@ -118,9 +126,23 @@ def tokenize_pair(
     max_length: the longest prompt+completion sequence; truncation: "keep_end" or "keep_start" (prompt);
     max_prompt_length: prompt cap and reserved prompt room; index: stored in the pair and named in errors.
     """
+    return tokenize_row(tokenizer, row, max_length=max_length, truncation=truncation,
+                        max_prompt_length=max_prompt_length, index=index).pair
+
+
+def tokenize_row(
+    tokenizer: Any,
+    row: Mapping[str, Any],
+    *,
+    max_length: int = 1024,
+    truncation: str = "keep_end",
+    max_prompt_length: int | None = None,
+    index: int = -1,
+) -> TokenizeOutcome:
+    """`tokenize_pair` that also says why a row was dropped (`TokenizeOutcome.drop_reason`) and what was cut."""
     _check_options(max_length, truncation, max_prompt_length)
     (outcome,) = _Tokenizer(tokenizer).tokenize_many([(index, row)], max_length, truncation, max_prompt_length)
-    return outcome.pair
+    return outcome
 
 
 def tokenize_dataset(
@@ -155,6 +177,10 @@ def tokenize_dataset(
         stats.pairs += 1
         stats.prompts_truncated += outcome.prompt_truncated
         stats.completions_truncated += outcome.completion_truncated
+        if outcome.prompt_truncated:
+            stats.longest_prompt_cut = max(stats.longest_prompt_cut, outcome.prompt_length)
+        if outcome.completion_truncated:
+            stats.longest_completion_cut = max(stats.longest_completion_cut, outcome.completion_length)
         stats.prompt_tokens += len(pair.prompt_ids)
         stats.completion_tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
         stats.longest_sequence = max(
@@ -222,7 +248,7 @@ class _Tokenizer:
         max_length: int,
         truncation: str,
         max_prompt_length: int | None,
-    ) -> list[_Outcome]:
+    ) -> list[TokenizeOutcome]:
         rendered = [self._render(row, index) for index, row in indexed_rows]
         texts = []
         for prompt_text, completion_texts, _ in rendered:
@@ -245,10 +271,10 @@ class _Tokenizer:
         max_length: int,
         truncation: str,
         max_prompt_length: int | None,
-    ) -> _Outcome:
+    ) -> TokenizeOutcome:
         for name, text in zip(("chosen", "rejected"), completion_texts):
             if not text.strip():
-                return _Outcome(None, f"empty {name} completion")
+                return TokenizeOutcome(None, f"empty {name} completion")
         prompt_ids = prompt_core if is_chat else self.text_prefix + prompt_core
         completions = []
         fallbacks = 0
@@ -338,16 +364,16 @@ def _truncate(
     truncation: str,
     max_prompt_length: int | None,
     bos_id: int | None,
-) -> _Outcome:
+) -> TokenizeOutcome:
     longest = max(len(c) for c in completions)
     cap = len(prompt_ids) if max_prompt_length is None else min(len(prompt_ids), max_prompt_length)
     floor = cap if max_prompt_length is not None else min(cap, 1)
     keep = max(floor, min(cap, max_length - longest))
     budget = max_length - keep
     if keep < 1:
-        return _Outcome(None, "no prompt tokens")
+        return TokenizeOutcome(None, "no prompt tokens")
     if budget < 1:
-        return _Outcome(None, "no room for the completion")
+        return TokenizeOutcome(None, "no room for the completion")
 
     prompt = prompt_ids
     if keep < len(prompt_ids):
@@ -360,9 +386,11 @@ def _truncate(
     chosen, rejected = (c[:budget] for c in completions)
     if chosen == rejected:
         cut = " after truncation" if longest > budget else ""
-        return _Outcome(None, f"chosen and rejected token ids identical{cut}")
-    return _Outcome(
+        return TokenizeOutcome(None, f"chosen and rejected token ids identical{cut}")
+    return TokenizeOutcome(
         TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected)),
         prompt_truncated=len(prompt) < len(prompt_ids),
         completion_truncated=longest > budget,
+        prompt_length=len(prompt_ids),
+        completion_length=longest,
     )

@@ -17,7 +17,7 @@ from tiny_tokenizer import IM_END, WORDS, make_tokenizer
 
 from dpo_fast.data import load_preferences
 from dpo_fast.pairs import TokenizedPair
-from dpo_fast.tokenization import tokenize_dataset, tokenize_pair
+from dpo_fast.tokenization import tokenize_dataset, tokenize_pair, tokenize_row
 
 TOK = make_tokenizer()
 TOK_BOS = make_tokenizer(bos=True)
@@ -240,6 +240,30 @@ def test_pairs_identical_after_truncation_and_empty_prompts_are_dropped_and_coun
     # With BOS the empty prompt still has a token to predict the first completion token from.
     pairs, _ = tokenize_dataset(TOK_BOS, rows[1:2])
     assert pairs[0].prompt_ids == (BOS,)
+
+
+def test_tokenize_row_says_why_a_row_is_dropped():
+    rows = [
+        {"prompt": "Question:", "chosen": " the cat sat on the mat.", "rejected": " the cat sat on the dog."},
+        {"prompt": "Question:", "chosen": "  ", "rejected": " no"},
+        {"prompt": "Question:", "chosen": " yes", "rejected": " yes"},
+    ]
+    reasons = [tokenize_row(TOK, row, max_length=6, max_prompt_length=2).drop_reason for row in rows]
+    assert reasons == ["chosen and rejected token ids identical after truncation", "empty chosen completion",
+                       "chosen and rejected token ids identical"]
+    kept = tokenize_row(TOK, rows[0], max_length=64)
+    assert kept.drop_reason is None and kept.pair == tokenize_pair(TOK, rows[0], max_length=64)
+
+
+def test_stats_record_the_longest_cut_prompt_and_completion():
+    long_prompt = " ".join(["hello world"] * 30)
+    rows = [{"prompt": long_prompt, "chosen": " yes", "rejected": " no"},
+            {"prompt": "Question:", "chosen": " the cat sat on the mat " * 5, "rejected": " no"},
+            {"prompt": "Question:", "chosen": " yes", "rejected": " no"}]
+    pairs, stats = tokenize_dataset(TOK, rows, max_length=16, max_prompt_length=8)
+    assert stats.prompts_truncated == 1 and stats.completions_truncated == 1
+    assert stats.longest_prompt_cut == len(encode(TOK, long_prompt))
+    assert stats.longest_completion_cut == len(encode(TOK, rows[1]["chosen"])) + 1  # + EOS
 
 
 def test_tokenize_dataset_on_a_loaded_fixture():
