@@ -71,6 +71,7 @@ class TokenizeStats:
     examples: list[tuple[int, str]] = field(default_factory=list)
     prompts_truncated: int = 0
     completions_truncated: int = 0
+    pairs_truncated: int = 0
     boundary_fallbacks: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -177,6 +178,7 @@ def tokenize_dataset(
         stats.pairs += 1
         stats.prompts_truncated += outcome.prompt_truncated
         stats.completions_truncated += outcome.completion_truncated
+        stats.pairs_truncated += outcome.prompt_truncated or outcome.completion_truncated
         if outcome.prompt_truncated:
             stats.longest_prompt_cut = max(stats.longest_prompt_cut, outcome.prompt_length)
         if outcome.completion_truncated:
