@@ -30,7 +30,8 @@ def test_long_prompts_cut_to_max_length_are_counted_and_warned_about(tmp_path):
     assert summary.duplicates == 1
     assert summary.prompts_truncated == 3 and summary.pairs_truncated == 3
     assert summary.longest_prompt_cut == len(TOK.encode(long_prompt, add_special_tokens=False))
-    assert summary.truncated_fraction == pytest.approx(3 / 5) > TRUNCATION_WARNING_FRACTION
+    assert summary.truncated_fraction == pytest.approx(3 / 5)
+    assert summary.truncated_fraction > TRUNCATION_WARNING_FRACTION
     text = summary.format()
     assert "rows read        7" in text and "pairs kept       5" in text
     assert "skipped          2: " in text and "1 invalid JSON" in text and "1 empty field" in text
