@@ -602,6 +602,16 @@ def stop_message(signal_name: str, step: int, checkpoint_dir: str) -> str:
             "--resume-from-checkpoint latest")
 
 
+class TrainingInterrupted(Exception):
+    """A run stopped by a signal after saving a checkpoint; the message says where and how to continue."""
+
+    def __init__(self, signum: int, step: int, checkpoint_dir: str):
+        super().__init__(stop_message(signal.Signals(signum).name, step, checkpoint_dir))
+        self.signum = signum
+        self.step = step
+        self.checkpoint_dir = checkpoint_dir
+
+
 def load_rng_state(checkpoint_dir: str, rank: int) -> None:
     path = os.path.join(checkpoint_dir, f"rng_state_{rank}.pt")
     if not os.path.isfile(path):

@@ -3,9 +3,11 @@
 `train` gets one flag per `DPOConfig` field, generated from the dataclass (help from the field
 metadata), in both spellings `--learning-rate` and `--learning_rate`. Values come, lowest priority first,
 from the dataclass defaults, the `--config` YAML file, then the flags given. Every configuration mistake
-(unknown flag, bad value, missing model path, an output dir holding another run, a loss that needs a
-reference without one) stops with one argparse error (exit status 2) before any model weight is read
-where possible, and always before training starts.
+(unknown flag, bad value, missing model path, an output dir holding another run or not writable, a
+checkpoint to resume that is missing or invalid, a loss that needs a reference without one) stops with
+one error line and a pointer to --help (exit status 2), never a traceback, before any model weight is
+read where possible. Messages raised in DPOConfig's words name the flags (`--resume-from-checkpoint`).
+The data summary is printed before training.
 """
 
 from __future__ import annotations
@@ -14,14 +16,24 @@ import argparse
 import dataclasses
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
+from .commands.sources import CommandError, check_data_path, error_text, resolve_model_source
 from .config import DPOConfig, coerce_field, field_type
-from .losses import REFERENCE_FREE
+from .losses import LOSS_TYPES, REFERENCE_FREE
 
 NO_REFERENCE = "none"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Fields whose help lists their values here (the others list them in their own help text).
+FIELD_CHOICES = {"loss_type": LOSS_TYPES}
+_QUOTE = "'"
+_FIELDS_LONGEST_FIRST = sorted(DPOConfig.field_names(), key=len, reverse=True)
+# field=value (a quoted string or a bare token), and a bare field name with an underscore (unambiguous:
+# "beta" or "seed" are also English words). Not inside a flag already (--max-length) nor a longer word.
+_ASSIGNMENT = re.compile(r"(?<![\w-])(" + "|".join(_FIELDS_LONGEST_FIRST) + r")=('[^']*'|[^\s,;:)]+)")
+_FIELD_NAME = re.compile(r"(?<![\w-])(" + "|".join(n for n in _FIELDS_LONGEST_FIRST if "_" in n) + r")(?![\w=])")
 
 
 class _FieldType:
@@ -38,6 +50,30 @@ class _FieldType:
             raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one error line and a pointer to --help instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, error_text(self.prog, flag_spelling(message)))
+
+
+def flag_spelling(message: str) -> str:
+    """A DPOConfig message in the command line's words: `resume_from_checkpoint='latest'` becomes
+    `--resume-from-checkpoint latest`, `overwrite_output_dir=True` `--overwrite-output-dir`, and a field
+    name with an underscore its flag. Flags already written as flags stay as they are."""
+
+    def assignment(m: re.Match) -> str:
+        flag, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        if value == "True":
+            return flag
+        if value == "False":
+            return "--no-" + flag[2:]
+        return f"{flag} {value[1:-1] if value.startswith(_QUOTE) else value}"
+
+    message = _ASSIGNMENT.sub(assignment, message)
+    return _FIELD_NAME.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, *, title: str = "training configuration (DPOConfig fields)",
                          skip: frozenset[str] = frozenset()) -> None:
     """One flag per DPOConfig field (but those in `skip`); absent flags leave no attribute (argparse.SUPPRESS)."""
@@ -48,7 +84,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, title: str = "train
         flags = ["--" + f.name.replace("_", "-")]
         if "_" in f.name:
             flags.append("--" + f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        help_text = f.metadata.get("help", "")
+        if f.name in FIELD_CHOICES:
+            help_text += f" Choices: {', '.join(FIELD_CHOICES[f.name])}."
+        help_text += f" (default: {f.default!r})"
         if field_type(f.name) == "bool":
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
@@ -62,6 +101,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="Preference data: a file (.jsonl/.json/.parquet/.csv), a folder or a Hub dataset name.")
     parser.add_argument("--data-split", default="train", help="Split of --data to train on (default: train).")
+    parser.add_argument("--strict", action="store_true",
+                        help="Stop at the first malformed row of --data/--eval-data instead of skipping it "
+                             "(skipped rows are listed in the data summary).")
     parser.add_argument("--eval-data", default=None, help="Optional evaluation data, same forms as --data.")
     parser.add_argument("--ref-model", default=None,
                         help="Reference model (directory or Hub name); default: a frozen copy of the initial "
@@ -86,7 +128,7 @@ LAZY_COMMANDS = {
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpo-fast", description="Fast, memory-lean DPO training.")
+    parser = CommandParser(prog="dpo-fast", description="Fast, memory-lean DPO training.")
     names = ["train", *LAZY_COMMANDS]
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(names) + "}")
     train = sub.add_parser("train", help="Train a causal LM with DPO.", description="Train a causal LM with DPO.")
@@ -95,24 +137,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     argv = list(sys.argv[1:] if argv is None else argv)
     for name, (module_name, help_text) in LAZY_COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(subparser=command)
         if argv[:1] == [name]:
             importlib.import_module(module_name).add_arguments(command)
     return parser
-
-
-def _looks_like_local_path(name: str) -> bool:
-    """Hub names are 'name' or 'org/name'; anything else with a path shape must exist on disk."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
-def _check_model_name(parser: argparse.ArgumentParser, flag: str, name: str) -> None:
-    """A path that does not exist fails now, not after minutes of imports and a Hub lookup."""
-    if os.path.exists(os.path.expanduser(name)):
-        if not os.path.isdir(os.path.expanduser(name)):
-            parser.error(f"{flag} {name!r} is a file; expected a model directory (with config.json) or a Hub name")
-        return
-    if _looks_like_local_path(name):
-        parser.error(f"{flag} {name!r} does not exist (expected a local model directory or a Hub name org/model)")
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> DPOConfig:
@@ -126,11 +154,12 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         raise  # unreachable: parser.error exits
 
 
-def _load_model(parser: argparse.ArgumentParser, flag: str, name: str, args: argparse.Namespace):
+def _load_model(flag: str, name: str, args: argparse.Namespace):
     import torch
     import transformers
     from packaging.version import Version
-    from transformers import AutoModelForCausalLM
+
+    from .commands.sources import load_causal_lm
 
     kwargs = {}
     if args.dtype != "auto":
@@ -139,16 +168,15 @@ def _load_model(parser: argparse.ArgumentParser, flag: str, name: str, args: arg
         kwargs[key] = getattr(torch, args.dtype)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    try:
-        return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
-    except (OSError, ValueError) as e:
-        parser.error(f"{flag} {name!r} could not be loaded: {e}")
+    return load_causal_lm(flag, name, **kwargs)
 
 
-def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namespace, config: DPOConfig) -> str | None:
+    """Every check that needs no model weights, in the order a user would fix them; returns the reference
+    model's name (None: no reference model)."""
+    from . import checkpoint as ckpt
     from .trainer import check_output_dir
 
-    config = config_from_args(parser, args)
     ref_name = args.ref_model
     if ref_name is not None and ref_name.lower() == NO_REFERENCE:
         ref_name = None
@@ -157,56 +185,110 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                          f"use a reference-free loss ({', '.join(sorted(REFERENCE_FREE))}) or drop --ref-model")
     elif ref_name is not None and config.loss_type in REFERENCE_FREE:
         parser.error(f"--ref-model: loss_type={config.loss_type!r} is reference-free and uses no reference model")
-    _check_model_name(parser, "--model", args.model)
-    if ref_name is not None:
-        _check_model_name(parser, "--ref-model", ref_name)
-    if args.tokenizer is not None:
-        _check_model_name(parser, "--tokenizer", args.tokenizer)
-    for flag, value in (("--data", args.data), ("--eval-data", args.eval_data)):
-        if value is not None and _looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
-            parser.error(f"{flag} {value!r} does not exist")
     try:
+        resolve_model_source("--model", args.model)
+        if ref_name is not None:
+            resolve_model_source("--ref-model", ref_name)
+        if args.tokenizer is not None:
+            resolve_model_source("--tokenizer", args.tokenizer, probe_file="tokenizer_config.json")
+        check_data_path("--data", args.data)
+        if args.eval_data is not None:
+            check_data_path("--eval-data", args.eval_data)
         check_output_dir(config)
-    except ValueError as e:
+        ckpt.check_writable_dir(config.output_dir)
+        if config.resume_from_checkpoint:
+            # Resolved (and validated) once here, so that a missing or invalid checkpoint fails before loading.
+            config.resume_from_checkpoint = ckpt.resolve_resume_path(
+                config.resume_from_checkpoint, config.output_dir,
+                warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    except (CommandError, ValueError, OSError) as e:
         parser.error(str(e))
     if config.lora_r > 0:
         try:
             import peft  # noqa: F401
         except ImportError:
             parser.error("--lora-r > 0 needs the peft package: pip install 'dpo-fast[peft]'")
+    return ref_name
 
-    from transformers import AutoTokenizer
 
-    from .data import load_preferences
+def _load_pairs(flag: str, name: str, args: argparse.Namespace, tokenizer, config: DPOConfig, split: str):
+    """Rows of --data/--eval-data, tokenized as the trainer would, with the data summary."""
+    from .data import load_preferences_with_report
+    from .data_summary import summarize_data
+    from .tokenization import tokenize_dataset
+
+    try:
+        dataset, report = load_preferences_with_report(os.path.expanduser(name), split=split, strict=args.strict)
+        pairs, stats = tokenize_dataset(tokenizer, dataset, max_length=config.max_length,
+                                        truncation=config.truncation)
+    except (OSError, ValueError, TypeError) as e:
+        raise CommandError(f"{flag}: {e}") from None
+    # The layout's padding share depends on the trainer's row capacity: the trainer reports it (`padding_line`).
+    return pairs, summarize_data(pairs, stats, max_length=config.max_length, load_report=report)
+
+
+def _done_line(trainer, config: DPOConfig, metrics: dict) -> str:
+    """The last line of a run: which loss is which, every other metric, where the model went."""
+    step = trainer.global_step
+    first = ((step - 1) // config.logging_steps) * config.logging_steps + 1
+    window = f"steps {first}-{step}" if first < step else f"step {step}"
+    parts = []
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4g} (mean over {window})")
+    if isinstance(metrics.get("last_step_loss"), float):
+        parts.append(f"last step's loss {metrics['last_step_loss']:.4g}")
+    parts += [f"{k}={v:.4g}" for k, v in metrics.items()
+              if isinstance(v, float) and k not in ("loss", "last_step_loss")]
+    final = os.path.join(config.output_dir, "final")
+    return f"done: {step} steps; {'; '.join(parts)}; model and tokenizer saved in {final}"
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .metrics import TrainingDiverged
+
+    config = config_from_args(parser, args)
+    ref_name = _check_before_loading(parser, args, config)
+
+    from .commands.sources import load_tokenizer
     from .trainer import DPOTrainer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer or args.model))
-    except (OSError, ValueError) as e:
-        parser.error(f"--tokenizer {args.tokenizer or args.model!r} could not be loaded: {e}")
+        tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model)
+        train_pairs, summary = _load_pairs("--data", args.data, args, tokenizer, config, args.data_split)
+        print(summary.format(), file=sys.stderr)
+        eval_pairs = None
+        if args.eval_data is not None:
+            eval_pairs, _ = _load_pairs("--eval-data", args.eval_data, args, tokenizer, config, "train")
+        model = _load_model("--model", args.model, args)
+        ref_model = None if ref_name is None else _load_model("--ref-model", ref_name, args)
+    except CommandError as e:
+        parser.error(str(e))
     try:
-        train_data = load_preferences(os.path.expanduser(args.data), split=args.data_split)
-        eval_data = None if args.eval_data is None else load_preferences(os.path.expanduser(args.eval_data))
-    except (OSError, ValueError) as e:
-        parser.error(f"--data: {e}")
-    model = _load_model(parser, "--model", args.model, args)
-    ref_model = None if ref_name is None else _load_model(parser, "--ref-model", ref_name, args)
-    try:
-        trainer = DPOTrainer(model, tokenizer, train_data, config=config, ref_model=ref_model, eval_data=eval_data)
+        trainer = DPOTrainer(model, tokenizer, train_pairs, config=config, ref_model=ref_model, eval_data=eval_pairs)
     except (ValueError, ImportError) as e:
         parser.error(str(e))
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    except ckpt.CheckpointError as e:  # a resume refused: this run's settings differ from the checkpoint's
+        parser.error(str(e))
+    except (ckpt.CheckpointWriteError, TrainingDiverged) as e:
+        print(error_text(parser.prog, str(e)).splitlines()[0], file=sys.stderr)
+        return 1
+    except ckpt.TrainingInterrupted as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 128 + e.signum
     if trainer.rank == 0:
-        final = os.path.join(config.output_dir, "final")
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"done: {trainer.global_step} steps; {summary}; model saved in {final}")
+        print(_done_line(trainer, config, metrics))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so that the message names it: `dpo-fast train: error`
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in LAZY_COMMANDS:
         return int(importlib.import_module(LAZY_COMMANDS[args.command][0]).run(args) or 0)
     return _train(args.subparser, args)

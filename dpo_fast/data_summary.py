@@ -85,8 +85,7 @@ class DataSummary:
         rows.append(("tokens per pair", f"mean {self.tokens_mean:.0f}, p95 {self.tokens_p95}, max {self.tokens_max} "
                                         "(prompt + chosen + rejected)"))
         if self.layout is not None and self.padding_fraction is not None:
-            rows.append(("layout", f"{self.layout}: {self.padding_fraction:.1%} of the batch positions are padding "
-                                   f"(first {self.padding_batches} micro-batches)"))
+            rows.append(("layout", padding_line(self.layout, self.padding_fraction, self.padding_batches)))
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
         lines += [f"warning: {w}" for w in self.warnings]
@@ -94,6 +93,11 @@ class DataSummary:
 
     def format(self) -> str:
         return "\n".join(self.format_lines())
+
+
+def padding_line(layout: str, fraction: float, batches: int) -> str:
+    """How much of a layout's batches is padding, as the summary words it."""
+    return f"{layout}: {fraction:.1%} of the batch positions are padding (first {batches} micro-batches)"
 
 
 def _percentile(sorted_values: Sequence[int], q: float) -> int:

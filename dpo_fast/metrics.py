@@ -142,6 +142,10 @@ _BASELINE_FLOOR = 0.1
 _EMA = 0.9
 
 
+class TrainingDiverged(RuntimeError):
+    """A run stopped because too many consecutive steps were non-finite (`HealthReport.stop_message`)."""
+
+
 @dataclass(frozen=True)
 class HealthReport:
     """What `TrainingHealth.read` found. warnings: new since the previous read, one line each.

@@ -82,9 +82,9 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
-    (["--learning-rate", "fast"], "learning_rate must be float"),
-    (["--layout", "ragged"], "layout='ragged' is not known"),
-    (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing=0.1 has no effect"),
+    (["--learning-rate", "fast"], "--learning-rate must be float"),
+    (["--layout", "ragged"], "--layout ragged is not known"),
+    (["--loss-type", "hinge", "--label-smoothing", "0.1"], "--label-smoothing 0.1 has no effect"),
     (["--loss-type", "simpo", "--ref-model", "some/model"], "reference-free"),
     (["--ref-model", "none"], "needs a reference model"),
     (["--config", "/nonexistent/cfg.yaml"], "does not exist"),
@@ -94,16 +94,113 @@ def test_bad_configuration_fails_before_loading_anything(tmp_path, capsys, no_tr
     err = run_cli_error(["train", "--model", model_dir, "--data", data_file, "--output-dir", str(tmp_path / "o")]
                         + extra, capsys)
     assert message in err, err
+    # One error line and a pointer to --help: no usage block, no traceback, no Python field names.
+    assert err.splitlines() == [err.splitlines()[0], "See 'dpo-fast train --help' for the options."], err
+    assert err.startswith("dpo-fast train: error: ") and "usage:" not in err and "_" not in message
 
 
 def test_missing_model_path_and_used_output_dir_fail_early(tmp_path, capsys, no_training, model_dir, data_file):
     err = run_cli_error(["train", "--model", str(tmp_path / "no-model"), "--data", data_file,
                          "--output-dir", str(tmp_path / "o")], capsys)
-    assert "--model" in err and "does not exist" in err
+    assert f"--model: '{tmp_path / 'no-model'}' is not a local directory" in err
     used = tmp_path / "used"
     (used / "checkpoint-3").mkdir(parents=True)
     err = run_cli_error(["train", "--model", model_dir, "--data", data_file, "--output-dir", str(used)], capsys)
     assert "already holds a run" in err and "checkpoint-3" in err
+    assert "--resume-from-checkpoint latest" in err and "--overwrite-output-dir" in err
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Local paths must never reach the Hub."""
+    from huggingface_hub import HfApi
+
+    def refuse(*a, **k):
+        raise AssertionError("a local path was looked up on the Hub")
+
+    monkeypatch.setattr(HfApi, "model_info", refuse)
+
+
+@pytest.mark.parametrize("value", ["./no_such_model", "runs/x", "a/b/c", "file"])
+def test_a_path_like_model_that_is_not_a_directory_fails_at_once(tmp_path, monkeypatch, capsys, no_training, no_hub,
+                                                                   data_file, value):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # "runs/x" is a path because runs/ exists here
+    (tmp_path / "file").write_text("not a model")
+    err = run_cli_error(["train", "--model", value, "--data", data_file, "--output-dir", str(tmp_path / "o")],
+                        capsys)
+    assert err.startswith(f"dpo-fast train: error: --model: '{value}' is not a local directory"), err
+
+
+def test_a_hub_name_the_hub_cannot_confirm_is_one_line_under_model(tmp_path, monkeypatch, capsys, no_training,
+                                                                   data_file):
+    from huggingface_hub import HfApi, constants
+
+    calls = []
+
+    def unreachable(self, name, timeout=None, **k):
+        calls.append(timeout)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    argv = ["train", "--model", "some-org/missing-model", "--data", data_file, "--output-dir", str(tmp_path / "o")]
+    err = run_cli_error(argv, capsys)
+    assert err.startswith("dpo-fast train: error: --model: 'some-org/missing-model' is not a local directory, and "
+                          "the Hugging Face Hub could not be reached"), err
+    assert "HF_HUB_OFFLINE=1" in err and "--tokenizer" not in err
+    assert calls == [10.0]  # one lookup, with the short timeout
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = run_cli_error(argv, capsys)
+    assert "HF_HUB_OFFLINE is set while the Hugging Face cache holds no copy of it" in err
+    assert calls == [10.0]  # offline: no lookup at all
+
+
+def test_resume_latest_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys, no_training, model_dir, data_file):
+    err = run_cli_error(["train", "--model", model_dir, "--data", data_file, "--output-dir", str(tmp_path / "o"),
+                         "--resume-from-checkpoint", "latest"], capsys)
+    assert err.startswith("dpo-fast train: error: --resume-from-checkpoint latest but ")
+    assert "no valid checkpoint" in err
+    assert len(err.splitlines()) == 2 and "Traceback" not in err
+
+
+def test_an_unwritable_output_dir_fails_before_loading(tmp_path, capsys, no_training, model_dir, data_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    err = run_cli_error(["train", "--model", model_dir, "--data", data_file, "--output-dir", str(blocker / "run")],
+                        capsys)
+    assert "is not writable" in err and str(blocker / "run") in err
+
+
+def test_strict_stops_at_the_first_malformed_row(tmp_path, capsys, no_training, model_dir, data_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(data_file).read() + "{not json\n")
+    err = run_cli_error(["train", "--model", model_dir, "--data", str(bad), "--output-dir", str(tmp_path / "o"),
+                         "--strict"], capsys)
+    assert "--data: " in err and "row 6" in err and "not valid JSON" in err
+
+
+def test_loss_type_help_lists_the_choices():
+    from dpo_fast.losses import LOSS_TYPES
+
+    train = cli.build_parser(["train"])._subparsers._group_actions[0].choices["train"]
+    action = next(a for a in train._actions if "--loss-type" in a.option_strings)
+    assert ", ".join(LOSS_TYPES) in action.help and "see dpo_fast" not in action.help.replace("(see dpo_fast", "")
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("resume_from_checkpoint='latest' but 'o' holds no valid checkpoint",
+     "--resume-from-checkpoint latest but 'o' holds no valid checkpoint"),
+    ("set overwrite_output_dir=True", "set --overwrite-output-dir"),
+    ("merge_lora=True needs LoRA adapters (lora_r > 0)", "--merge-lora needs LoRA adapters (--lora-r > 0)"),
+    ("max_tokens_per_row=8 is smaller than max_length=16", "--max-tokens-per-row 8 is smaller than --max-length 16"),
+    ("beta must be > 0; see --max-length", "beta must be > 0; see --max-length"),
+    ("report_to_tensorboard=False", "--no-report-to-tensorboard"),
+])
+def test_flag_spelling(message, expected):
+    assert cli.flag_spelling(message) == expected
 
 
 def test_train_end_to_end(tmp_path, model_dir, data_file, capsys):
@@ -113,7 +210,10 @@ def test_train_end_to_end(tmp_path, model_dir, data_file, capsys):
                      "--layout", "prefix_shared", "--max-length", "48", "--learning-rate", "1e-3",
                      "--no-report-to-tensorboard", "--save-steps", "1", "--dtype", "float32"])
     assert code == 0
-    assert "done: 2 steps" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "done: 2 steps; loss " in captured.out and "(mean over step 2)" in captured.out
+    assert "model and tokenizer saved in" in captured.out
+    assert "rows read        6" in captured.err and "pairs kept       6" in captured.err
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
     assert os.path.isfile(out / "final" / "model.safetensors")
     assert os.path.isfile(out / "final" / "tokenizer.json")

@@ -207,11 +207,11 @@ def test_score_command_writes_one_row_per_pair(task, saved, tmp_path, capsys):
 def test_score_command_errors_write_nothing(saved, tmp_path, capsys, case):
     model, ref, data = saved["trained"], saved["reference"], saved["data"]
     expected = {
-        "missing_model": "--model '/nonexistent/policy' does not exist",
-        "missing_ref": "--ref-model '/nonexistent/ref' does not exist",
+        "missing_model": "--model: '/nonexistent/policy' is not a local directory",
+        "missing_ref": "--ref-model: '/nonexistent/ref' is not a local directory",
         "vocab": "config.vocab_size",
         "empty_data": "no rows",
-        "missing_data": "--data '/nonexistent/prefs.jsonl' does not exist",
+        "missing_data": "--data: '/nonexistent/prefs.jsonl' does not exist",
     }[case]
     if case == "missing_model":
         model = "/nonexistent/policy"
@@ -257,7 +257,7 @@ def test_rank_command_errors_write_nothing(saved, tmp_path, capsys):
     cases = [
         (["--ref-models", saved["reference"]], "--ref-models lists 1 references for 2 --model"),
         (["--ref-models", f"{saved['reference']},{saved['other_vocab']}"], "config.vocab_size"),
-        (["--ref-model", "/nonexistent/ref"], "--ref-model '/nonexistent/ref' does not exist"),
+        (["--ref-model", "/nonexistent/ref"], "--ref-model: '/nonexistent/ref' is not a local directory"),
         (["--reference-free", "--name", "x"], "got 1 --name for 2 --model"),
     ]
     for extra, message in cases:

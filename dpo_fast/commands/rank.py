@@ -115,7 +115,7 @@ def _rank(args: argparse.Namespace) -> int:
         raise CommandError(f"--output-dir {args.output_dir!r} is a file; expected a directory")
 
     tokenizer_name = args.tokenizer or args.model[0]
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", tokenizer_name)
     data = load_data(args)
     # Every model and reference is checked against the vocabulary of the first, before any weight is read.
     everything = [("--model", m) for m in args.model] + [(ref_flag, r) for r in dict.fromkeys(refs) if r]

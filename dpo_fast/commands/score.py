@@ -12,6 +12,19 @@ import os
 import sys
 from typing import Any
 
+from .sources import (
+    CommandError,
+    ModelSource,
+    check_data_path,
+    error_text,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_source,
+)
+
+__all__ = ["CommandError", "add_arguments", "add_common_arguments", "check_common_arguments", "check_data_path",
+           "check_model_path", "fail", "load_data", "load_model", "load_tokenizer", "run"]
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LAYOUTS = ("prefix_shared", "packed", "padded")
 
@@ -20,10 +33,6 @@ DESCRIPTION = (
     "per-pair chosen/rejected rewards and margins, reward accuracy with its Wilson interval, mean margin "
     "with a bootstrap interval. One forward pass over the data per model (policy, then reference)."
 )
-
-
-class CommandError(Exception):
-    """A user mistake reported as one line on stderr with exit status 2."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,29 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Hub names are 'name' or 'org/name'; anything else with a path shape must exist on disk."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
-def check_model_path(flag: str, name: str) -> None:
-    path = os.path.expanduser(name)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise CommandError(f"{flag} {name!r} is a file; expected a model directory (with config.json) "
-                               "or a Hub name")
-        return
-    if looks_like_local_path(name):
-        raise CommandError(f"{flag} {name!r} does not exist (expected a local model directory or a Hub name "
-                           "org/model)")
-
-
-def check_data_path(flag: str, name: str) -> None:
-    from ..data import FILE_EXTENSIONS
-
-    path = os.path.expanduser(name)
-    if not os.path.exists(path) and (looks_like_local_path(name) or name.lower().endswith(FILE_EXTENSIONS)):
-        raise CommandError(f"{flag} {name!r} does not exist")
+def check_model_path(flag: str, name: str) -> ModelSource:
+    """A model value checked before anything is loaded (`resolve_model_source`)."""
+    return resolve_model_source(flag, name)
 
 
 def check_common_arguments(args: argparse.Namespace) -> None:
@@ -111,15 +100,16 @@ def check_common_arguments(args: argparse.Namespace) -> None:
         raise CommandError(f"--max-tokens-per-batch must be >= 1, got {args.max_tokens_per_batch}")
     check_data_path("--data", args.data)
     if args.tokenizer is not None:
-        check_model_path("--tokenizer", args.tokenizer)
+        resolve_model_source("--tokenizer", args.tokenizer, probe_file="tokenizer_config.json")
 
 
 def config_vocab_size(flag: str, name: str) -> int | None:
     """config.vocab_size read from the model's config alone (no weights), to fail before loading them."""
     from transformers import AutoConfig
 
+    source = resolve_model_source(flag, name)
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+        config = AutoConfig.from_pretrained(source.path, local_files_only=source.local_files_only)
     except (OSError, ValueError) as e:
         raise CommandError(f"{flag} {name!r}: cannot read its config: {e}") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -141,23 +131,15 @@ def check_tokenizer_matches(tokenizer, tokenizer_name: str, flag: str, name: str
     """When the model directory has a tokenizer of its own, it must have the same vocabulary."""
     from transformers import AutoTokenizer
 
+    source = resolve_model_source(flag, name)
     try:
-        own = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        own = AutoTokenizer.from_pretrained(source.path, local_files_only=source.local_files_only)
     except (OSError, ValueError, TypeError):
         return  # no tokenizer files there: config.vocab_size and the lm_head are checked instead
     if own.get_vocab() != tokenizer.get_vocab():
         raise CommandError(f"{flag} {name!r} has a tokenizer with another vocabulary ({len(own)} tokens) "
                            f"than {tokenizer_name!r} ({len(tokenizer)} tokens): the models do not share a "
                            "tokenizer")
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(name))
-    except (OSError, ValueError) as e:
-        raise CommandError(f"tokenizer {name!r} could not be loaded: {e}") from None
 
 
 def load_data(args: argparse.Namespace):
@@ -177,24 +159,20 @@ def resolve_device(device: str | None) -> str:
 
 def load_model(flag: str, name: str, args: argparse.Namespace, device: str):
     import torch
-    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
     if args.dtype != "auto":
         kwargs["dtype"] = getattr(torch, args.dtype)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
-    except (OSError, ValueError) as e:
-        raise CommandError(f"{flag} {name!r} could not be loaded: {e}") from None
+    model = load_causal_lm(flag, name, **kwargs)
     model.to(device)
     model.eval()
     return model
 
 
 def fail(command: str, message: str) -> int:
-    print(f"dpo-fast {command}: error: {message}", file=sys.stderr)
+    print(error_text(f"dpo-fast {command}", message), end="", file=sys.stderr)
     return 2
 
 
@@ -222,7 +200,7 @@ def _score(args: argparse.Namespace) -> int:
     if args.output is not None and os.path.isdir(os.path.expanduser(args.output)):
         raise CommandError(f"--output {args.output!r} is a directory; expected a .jsonl file path")
     tokenizer_name = args.tokenizer or args.model
-    tokenizer = load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", tokenizer_name)
     data = load_data(args)
     if ref_name is not None:
         check_vocab_sizes([("--model", args.model), ("--ref-model", ref_name)])

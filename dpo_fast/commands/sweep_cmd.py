@@ -13,9 +13,10 @@ import os
 import random
 import sys
 
-from ..cli import add_config_arguments
+from ..cli import add_config_arguments, flag_spelling
 from ..config import DPOConfig, coerce_field
 from ..sweep import KL_SAMPLES
+from .sources import CommandError, error_text, load_causal_lm, load_tokenizer, resolve_model_source
 
 # DPOConfig fields the sweep sets itself: one beta per run, one output directory per run.
 _SWEEP_FIELDS = ("beta", "output_dir")
@@ -95,8 +96,6 @@ def _demo_inputs(args, overrides):
 
 
 def _file_inputs(args, overrides):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..data import load_preferences
     from ..tokenization import tokenize_dataset
 
@@ -108,10 +107,8 @@ def _file_inputs(args, overrides):
         config = DPOConfig(**{"output_dir": args.output_dir, **overrides})
     except ValueError as e:
         raise _Usage(str(e)) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer or args.model))
-    except (OSError, ValueError) as e:
-        raise _Usage(f"--tokenizer {args.tokenizer or args.model!r} could not be loaded: {e}") from None
+    resolve_model_source("--model", args.model)
+    tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model)
     try:
         train_pairs, _ = tokenize_dataset(tokenizer, load_preferences(os.path.expanduser(args.data)),
                                           max_length=config.max_length, truncation=config.truncation)
@@ -129,10 +126,7 @@ def _file_inputs(args, overrides):
             train_pairs = [train_pairs[i] for i in sorted(order[held:])]
     except (OSError, ValueError) as e:
         raise _Usage(f"--data/--eval-data: {e}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(args.model))
-    except (OSError, ValueError) as e:
-        raise _Usage(f"--model {args.model!r} could not be loaded: {e}") from None
+    model = load_causal_lm("--model", args.model)
     max_new = args.max_new_tokens if args.max_new_tokens is not None else 64
     return model, tokenizer, train_pairs, eval_pairs, config, max_new
 
@@ -155,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
         report = run_sweep(model, tokenizer, train_pairs, eval_pairs, betas, base_config=config,
                            output_dir=args.output_dir, kl_budget=args.kl_budget, kl_samples=args.kl_samples,
                            max_new_tokens=max_new, processes=args.processes)
-    except ValueError as e:
-        print(f"dpo-fast sweep: {e}", file=sys.stderr)
+    except (ValueError, CommandError) as e:
+        print(error_text("dpo-fast sweep", flag_spelling(str(e))), end="", file=sys.stderr)
         return 2
     print(format_table(report))
     results_path, chart_path = write_outputs(report, args.output_dir)

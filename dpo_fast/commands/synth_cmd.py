@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"dpo-fast synth: {message}", file=sys.stderr)
+    from .sources import error_text
+
+    print(error_text("dpo-fast synth", message), end="", file=sys.stderr)
     return 2
 
 
@@ -81,11 +83,10 @@ def _load(args: argparse.Namespace):
         settings = DemoSettings() if args.sft_steps is None else DemoSettings(sft_steps=args.sft_steps)
         setup = demo_setup(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
         return setup.model, setup.tokenizer, codec_class(setup.tokenizer)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .sources import load_causal_lm, load_tokenizer
 
-    name = os.path.expanduser(args.model)
-    model = AutoModelForCausalLM.from_pretrained(name).eval()
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer or args.model))
+    tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model)
+    model = load_causal_lm("--model", args.model).eval()
     return model, tokenizer, codec_class(tokenizer)
 
 
@@ -102,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
         check_scorer_spec(args.scorer)
     except ValueError as e:
         return _fail(str(e))
+    from .sources import CommandError
+
     try:
         model, tokenizer, codec = _load(args)
+    except CommandError as e:
+        return _fail(str(e))
     except (OSError, ValueError) as e:
         return _fail(f"--model {args.model!r} could not be loaded: {e}")
     try:
