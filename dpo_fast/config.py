@@ -82,7 +82,9 @@ class DPOConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     weight_decay: float = _f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward to save memory.")
+    gradient_checkpointing: bool = _f(
+        True, "Recompute each layer's activations in the backward (non-reentrant, as TRL's DPOConfig): memory for "
+              "layer inputs only; the reference forward never recomputes. --no-gradient-checkpointing turns it off.")
     bf16: bool = _f(False, "bfloat16 autocast for the model on CUDA (ignored on the CPU).")
     seed: int = _f(42, "Seed for the data order, dropout and initialisation of new weights.")
     # Logging and checkpoints.
@@ -105,7 +107,8 @@ class DPOConfig:
     truncation: str = _f("keep_end", f"Which end of an over-long prompt to keep: {', '.join(TRUNCATIONS)}.")
     layout: str = _f("prefix_shared", f"Batch layout: {', '.join(LAYOUTS)}.")
     max_tokens_per_row: int = _f(
-        0, "Token capacity of one packed row (packed/prefix_shared layouts); 0 = twice max_length.")
+        0, "Token capacity of one packed row (packed/prefix_shared layouts); 0 = one row per micro-batch under "
+           "FlexAttention or flash varlen, twice max_length under a dense mask (eager/sdpa).")
     max_tokens_per_batch: int = _f(
         0, "Token-budget micro-batches: pack pairs into bins of this many tokens (dpo_fast.packing.pack, balanced "
            "across ranks) instead of per_device_train_batch_size pairs; 0 = off.")
@@ -121,6 +124,9 @@ class DPOConfig:
     # Execution.
     backend: str = _f("auto", f"Kernels for the loss: {', '.join(BACKENDS)} ('auto' = triton on CUDA).")
     fsdp: bool = _f(False, "Shard parameters, gradients and optimizer state with FSDP2 (fully_shard).")
+    flex_attention: bool = _f(
+        True, "On CUDA, run the packed and prefix_shared layouts with attn_implementation='flex_attention' when the "
+              "model's class supports it (a block-sparse mask, no [L, L] tensor); False keeps the model's own.")
 
     def __post_init__(self) -> None:
         _ = self.loss_config  # validates the loss fields with the library's own checks
@@ -176,9 +182,10 @@ class DPOConfig:
     def reference_free(self) -> bool:
         return self.loss_type in REFERENCE_FREE
 
-    @property
-    def row_capacity(self) -> int:
-        return self.max_tokens_per_row or 2 * self.max_length
+    def row_capacity(self, dense_mask: bool) -> int | None:
+        """Tokens per packed row: max_tokens_per_row, else 2 * max_length under a dense mask (its cost grows
+        with R * L^2), else None (one row per micro-batch: FlexAttention skips masked blocks, varlen flattens)."""
+        return self.max_tokens_per_row or (2 * self.max_length if dense_mask else None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -176,15 +176,18 @@ def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir:
     from .trainer import DPOTrainer
 
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    config = DPOConfig(
+    values: dict[str, Any] = dict(
         output_dir=output_dir, overwrite_output_dir=True, seed=settings.seed,
         learning_rate=settings.dpo_learning_rate, max_steps=settings.dpo_steps, warmup_ratio=0.1,
         lr_scheduler_type="cosine", beta=settings.beta, loss_type="sigmoid",
         layout="prefix_shared", max_length=longest,
         # Token-budget micro-batches from the packer, about dpo_batch_size pairs each.
         max_tokens_per_row=4 * longest, max_tokens_per_batch=settings.dpo_batch_size * 3 * longest // 2,
-        logging_steps=max(1, settings.dpo_steps // 30), report_to_tensorboard=False, **overrides,
+        logging_steps=max(1, settings.dpo_steps // 30), report_to_tensorboard=False,
+        # A tiny model with memory to spare: recomputing its activations would only cost time.
+        gradient_checkpointing=False,
     )
+    config = DPOConfig(**{**values, **overrides})
     trainer = DPOTrainer(policy, tokenizer, pairs, config=config, ref_model=reference)
     trainer.train()
     policy.eval()

@@ -5,14 +5,20 @@ One optimizer step:
 1. The step's pairs (global batch = per_device_train_batch_size x gradient_accumulation_steps x world
    size, from a seeded per-epoch permutation) are cut into micro-batches of per_device_train_batch_size
    pairs; micro-batch j goes to rank j % world_size.
-2. Each micro-batch is laid out (`dpo_fast.layouts`), run through the policy's backbone to its last
-   hidden states with the layout's 4D mask and position ids, and scored by `linear_dpo_loss` against
-   the lm_head weight: the [tokens, vocab] logits never exist.
+2. Each micro-batch is laid out (`dpo_fast.layouts`) on the host by a background thread while the
+   device computes the one before (pinned memory, copies that do not block the host), run through the
+   policy's backbone to its last hidden states with the layout's attention (`dpo_fast.attention.
+   model_inputs`: a FlexAttention BlockMask built on the device for the packed layouts on CUDA, a dense
+   mask for eager/sdpa, varlen boundaries for flash), and scored by `linear_dpo_loss` against the
+   lm_head weight: the [tokens, vocab] logits never exist.
 3. Its mean loss is scaled by (its pairs / the step's pairs over all micro-batches and ranks) before
    backward, and the gradients are summed over ranks. The update is therefore the gradient of the mean
    loss over the step's pairs however they were split: 4 pairs x 1 micro-batch, 1 x 4, 2 ranks x 2, any
    layout. (Losses with a batch statistic, bco_pair and aot*, see only their micro-batch.)
-4. Clip, optimizer step, scheduler step; metrics every logging_steps, checkpoints every save_steps.
+4. Clip, optimizer step, scheduler step; metrics every logging_steps (summed on the device and read
+   once per logging step), checkpoints every save_steps.
+
+Gradient checkpointing is on by default (non-reentrant, as in TRL); the reference forward runs without it.
 
 The reference log-probs come from a frozen copy of the initial policy, or a given `ref_model`, or the
 policy with its LoRA adapter disabled, or a disk cache computed once (`precompute_ref`); reference-free
@@ -36,6 +42,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -44,21 +51,30 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .attention import attention_mask_4d
+from .attention import (
+    attention_implementation,
+    model_inputs,
+    preferred_attention,
+    row_multiple,
+    set_attention,
+    uses_dense_mask,
+)
 from .config import DPOConfig
 from .functional import linear_dpo_loss
 from .layouts import build_batch, unit_lengths
 from .losses import DPOOutput, loss_from_logps
 from .metrics import CHART_FILE, METRICS_FILE, MetricsLogger, plot_metrics
-from .pairs import Batch, TokenizedPair
+from .pairs import ROLE_PAD, Batch, TokenizedPair
 from .scoring import backbone_of, check_sequence_lengths, head_token_logps, output_head, pad_token_id, pair_logps
 
 logger = logging.getLogger(__name__)
 
 REF_CACHE_VERSION = 1
-# Sums reduced over ranks each step, in this order (one all_reduce for all of them).
+# Sums reduced over ranks each step, in this order (one all_reduce for all of them). The first
+# _DEVICE_STATS come from the model's outputs and are summed on the device; the rest are counts the host knows.
 _STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
               "logps/rejected", "kl_num", "kl_den", "pairs", "tokens")
+_DEVICE_STATS = 7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,6 +114,13 @@ def _enable_checkpointing(model: nn.Module) -> None:
     else:
         raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
                          f"(a transformers PreTrainedModel); got {type(model).__name__}")
+
+
+def _disable_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -158,29 +181,24 @@ class _ModelOutputs(nn.Module):
         self.model = model
         self.config = config
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def hidden_states(self, inputs: dict[str, Any]) -> Tensor:
         base = _model_base(self.model)
-        use_autocast = self.config.bf16 and input_ids.device.type == "cuda"
+        use_autocast = self.config.bf16 and inputs["input_ids"].device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            out = backbone_of(base)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False)
+            out = backbone_of(base)(**inputs, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden.reshape(-1, hidden.shape[-1])
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, labels: Tensor,
-                segment_ids: Tensor, num_pairs: int, ref_chosen: Tensor | None = None,
-                ref_rejected: Tensor | None = None, reference: bool = False):
+    def forward(self, inputs: dict[str, Any], scored: Tensor, labels: Tensor, segment_ids: Tensor, num_pairs: int,
+                ref_chosen: Tensor | None = None, ref_rejected: Tensor | None = None, reference: bool = False):
+        """inputs: `model_inputs`; scored: [N] flat indices of the scored positions, labels/segment_ids theirs."""
         base = _model_base(self.model)
         head = output_head(base)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         # Only scored positions go through the head: prompt and padding rows would cost 2·H·V flops each
         # for nothing. The gather's backward scatters the gradient back into the [R*L, H] hidden states.
-        segments = segment_ids.reshape(-1)
-        scored = (segments >= 0).nonzero().squeeze(-1)
-        segments = segments[scored]
-        labels = labels.reshape(-1)[scored]
         # The head's matmul runs in the head's dtype; [N, H] hidden states are small next to [N, V] logits.
-        hidden = hidden[scored].to(head.weight.dtype)
+        hidden = self.hidden_states(inputs)[scored].to(head.weight.dtype)
+        segments = segment_ids
         if reference:
             tok = head_token_logps(hidden, head, labels, backend=self.config.backend)
             sums = torch.zeros(2 * num_pairs, dtype=torch.float32, device=hidden.device)
@@ -208,9 +226,17 @@ class _ModelOutputs(nn.Module):
 
 
 @dataclasses.dataclass
-class _MicroBatch:
-    pairs: list[TokenizedPair]
+class _LaidOut:
+    """A micro-batch laid out on the host (pinned when training on CUDA), with what the step needs from it."""
+
+    batch: Batch
+    members: list[int]  # indices into the split's pairs
     weight: float  # this micro-batch's share of the step's pairs (0 for an FSDP filler)
+    scored: Tensor  # [N] flat indices of the scored positions
+    labels: Tensor  # [N]
+    segment_ids: Tensor  # [N]
+    num_tokens: int  # real tokens (padding aside)
+    chosen_tokens: int  # scored tokens of the chosen responses
 
 
 def check_output_dir(config: DPOConfig) -> None:
@@ -260,7 +286,7 @@ class DPOTrainer:
         # Every rank checks output_dir before rank 0 writes anything into it.
         self._barrier()
         set_seed(config.seed)
-        self.layout = self._choose_layout(model)
+        self.layout, self.attn_implementation = self._choose_attention(model, ref_model)
 
         self.train_pairs = self._as_pairs(train_data, "train_data")
         if not self.train_pairs:
@@ -274,6 +300,9 @@ class DPOTrainer:
         if self.eval_pairs:
             check_sequence_lengths(self.eval_pairs, model, config.max_length)
 
+        set_attention(_model_base(model), self.attn_implementation)
+        if ref_model is not None:
+            set_attention(_model_base(ref_model), self.attn_implementation)  # both read the same inputs
         if config.lora_r > 0:
             model = self._add_lora(model)
         model.to(self.device)
@@ -303,6 +332,8 @@ class DPOTrainer:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.metrics: MetricsLogger | None = None
         self.last_lr = 0.0
+        # One worker lays micro-batches out on the host while the device computes (started on first use).
+        self._layout_worker: ThreadPoolExecutor | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -326,13 +357,25 @@ class DPOTrainer:
         if self.distributed:
             dist.barrier()
 
-    def _choose_layout(self, model: nn.Module) -> str:
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-        if "flash" in impl and self.config.layout != "padded":
-            warnings.warn(f"attn_implementation={impl!r} cannot take the {self.config.layout!r} layout's 4D mask: "
-                          "using the 'padded' layout", stacklevel=3)
-            return "padded"
-        return self.config.layout
+    def _choose_attention(self, model: nn.Module, ref_model: nn.Module | None) -> tuple[str, str]:
+        """(layout, attn_implementation) the run uses: `preferred_attention` (FlexAttention for the packed
+        layouts on CUDA when the model supports it, and the reference model too) unless flex_attention=False;
+        a flash model runs "prefix_shared" as "packed" (varlen boundaries cannot skip the chosen branch)."""
+        base = _model_base(model)
+        impl, layout = attention_implementation(base), self.config.layout
+        if "flash" in impl and layout == "prefix_shared":
+            warnings.warn(f"attn_implementation={impl!r} cannot run the 'prefix_shared' layout (its rejected branch "
+                          "skips part of its context): using the 'packed' layout (varlen boundaries)", stacklevel=3)
+            layout = "packed"
+        if self.config.flex_attention:
+            preferred = preferred_attention(base, layout, self.device)
+            if ref_model is None or preferred_attention(_model_base(ref_model), layout, self.device) == preferred:
+                impl = preferred
+        return layout, impl
+
+    @property
+    def _dense_mask(self) -> bool:
+        return uses_dense_mask(self.attn_implementation)
 
     def _as_pairs(self, data: Any, name: str) -> list[TokenizedPair]:
         if isinstance(data, (list, tuple)) and data and all(isinstance(p, TokenizedPair) for p in data):
@@ -365,9 +408,9 @@ class DPOTrainer:
                 if pair_cost(p, self.layout) > budget:
                     raise ValueError(f"{name}[{i}] (dataset row {p.index}) needs {pair_cost(p, self.layout)} tokens "
                                      f"in the {self.layout!r} layout, more than max_tokens_per_batch={budget}")
-        if self.layout == "padded":
+        capacity = self.config.row_capacity(self._dense_mask)
+        if self.layout == "padded" or capacity is None:
             return
-        capacity = self.config.row_capacity
         lengths = unit_lengths(pairs, self.layout)
         for i, n in enumerate(lengths):
             if n > capacity:
@@ -413,6 +456,7 @@ class DPOTrainer:
             return
         if self.ref_model is None and not self.has_adapter:
             self.ref_model = self._freeze(copy.deepcopy(self.model))
+            _disable_checkpointing(self.ref_model)  # the reference keeps no activations to recompute
         if self.ref_model is not None:
             self._ref_outputs = _ModelOutputs(self.ref_model, self.config)
 
@@ -445,7 +489,8 @@ class DPOTrainer:
                 chosen, rejected = pair_logps(
                     _model_base(model), self.tokenizer, [pairs[i] for i in mine], layout=self.layout,
                     max_length=self.config.max_length,
-                    max_tokens_per_batch=self.config.row_capacity * self.config.per_device_train_batch_size,
+                    max_tokens_per_batch=(self.config.row_capacity(self._dense_mask) or 2 * self.config.max_length)
+                    * self.config.per_device_train_batch_size,
                     backend=self.config.backend)
             model.train(was_training)
             values[mine, 0], values[mine, 1] = chosen, rejected
@@ -565,20 +610,42 @@ class DPOTrainer:
             mine += [(micro_batches[0], 0.0)] * (most - len(mine))
         return mine
 
-    def _to_device(self, batch: Batch) -> dict[str, Any]:
-        dtype = next(self.model.parameters()).dtype
-        impl = getattr(getattr(_model_base(self.model), "config", None), "_attn_implementation", None) or ""
-        if "flash" in impl:
-            mask = (batch.document_ids >= 0).long().to(self.device)
-        else:
-            mask = attention_mask_4d(batch, dtype, device=self.device)
-        return {"input_ids": batch.input_ids.to(self.device), "attention_mask": mask,
-                "position_ids": batch.position_ids.to(self.device), "labels": batch.labels.to(self.device),
-                "segment_ids": batch.segment_ids.to(self.device), "num_pairs": batch.num_pairs}
+    def _lay_out(self, pairs: list[TokenizedPair], members: list[int], weight: float) -> _LaidOut:
+        """Host work of one micro-batch (runs on the layout worker): rows, scored positions, counts, pinning."""
+        capacity = None if self.layout == "padded" else self.config.row_capacity(self._dense_mask)
+        batch = build_batch([pairs[i] for i in members], self.layout, pad_id=pad_token_id(self.tokenizer),
+                            max_tokens_per_row=capacity, pad_to_multiple_of=row_multiple(self.attn_implementation))
+        segments = batch.segment_ids.reshape(-1)
+        scored = (segments >= 0).nonzero().squeeze(-1)
+        segments = segments[scored]
+        laid_out = _LaidOut(batch=batch, members=members, weight=weight, scored=scored,
+                            labels=batch.labels.reshape(-1)[scored], segment_ids=segments,
+                            num_tokens=int((batch.roles != ROLE_PAD).sum()),
+                            chosen_tokens=int((segments < batch.num_pairs).sum()))
+        if self.device.type == "cuda":
+            laid_out.batch = batch.pin_memory()
+            laid_out.scored, laid_out.labels, laid_out.segment_ids = (
+                t.pin_memory() for t in (laid_out.scored, laid_out.labels, laid_out.segment_ids))
+        return laid_out
 
-    def _build(self, pairs: list[TokenizedPair]) -> Batch:
-        capacity = None if self.layout == "padded" else self.config.row_capacity
-        return build_batch(pairs, self.layout, pad_id=pad_token_id(self.tokenizer), max_tokens_per_row=capacity)
+    def _lay_out_ahead(self, pairs: list[TokenizedPair],
+                       micro: list[tuple[list[int], float]]) -> list[Future]:
+        """Queue the micro-batches on the layout worker (in order); their results are read as they are needed."""
+        if self._layout_worker is None:
+            self._layout_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpo_fast-layout")
+        return [self._layout_worker.submit(self._lay_out, pairs, members, weight) for members, weight in micro]
+
+    def _to_device(self, laid_out: _LaidOut) -> dict[str, Any]:
+        """The forward's arguments on the device; copies from pinned memory do not block the host."""
+        base = _model_base(self.model)
+        dtype = next(self.model.parameters()).dtype
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        return {"inputs": model_inputs(base, laid_out.batch, self.device, dtype=dtype),
+                "scored": move(laid_out.scored), "labels": move(laid_out.labels),
+                "segment_ids": move(laid_out.segment_ids), "num_pairs": laid_out.batch.num_pairs}
 
     # -- reference log-probs for a batch ----------------------------------------------------------
 
@@ -586,7 +653,7 @@ class DPOTrainer:
         if self.config.reference_free:
             return None
         if split in self._ref_cache:
-            values = self._ref_cache[split][indices].to(self.device)
+            values = self._ref_cache[split][indices].to(self.device, non_blocking=True)
             return values[:, 0], values[:, 1]
         with torch.no_grad():
             if self._ref_outputs is not None:
@@ -610,43 +677,51 @@ class DPOTrainer:
         over ranks) and returns the step's statistics (sums over pairs), reduced over ranks.
         """
         self._prepare()
-        split, pairs = "train", self.train_pairs
-        stats = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
-        micro = self._my_micro_batches(micro_batches)
-        for j, (members, weight) in enumerate(micro):
-            batch = self._build([pairs[i] for i in members])
-            inputs = self._to_device(batch)
-            ref = self._reference_logps(split, members, inputs)
+        pending = self._lay_out_ahead(self.train_pairs, self._my_micro_batches(micro_batches))
+        return dict(zip(_STAT_KEYS, self._accumulate_gradients(pending).tolist()))
+
+    def _accumulate_gradients(self, pending: list[Future]) -> Tensor:
+        """`compute_gradients` over micro-batches queued by `_lay_out_ahead`; the statistics stay on the device."""
+        stats = torch.zeros(_DEVICE_STATS, dtype=torch.float64, device=self.device)
+        counts = [0.0] * (len(_STAT_KEYS) - _DEVICE_STATS)
+        for j, future in enumerate(pending):
+            laid_out = future.result()
+            inputs = self._to_device(laid_out)
+            ref = self._reference_logps("train", laid_out.members, inputs)
             if hasattr(self._outputs, "set_requires_gradient_sync"):
-                self._outputs.set_requires_gradient_sync(j == len(micro) - 1)
+                self._outputs.set_requires_gradient_sync(j == len(pending) - 1)
             loss, *rest = self._outputs(**inputs, ref_chosen=None if ref is None else ref[0],
                                         ref_rejected=None if ref is None else ref[1])
             # FSDP averages gradients over ranks; the manual all-reduce sums them.
-            scale = weight * (self.world_size if self.config.fsdp and self.distributed else 1)
+            scale = laid_out.weight * (self.world_size if self.config.fsdp and self.distributed else 1)
             (loss * scale).backward()
-            if weight > 0:
-                stats += self._batch_stats(batch, loss, rest, ref)
+            if laid_out.weight > 0:
+                stats += self._batch_stats(loss, rest, ref)
+                counts = [a + b for a, b in zip(counts, self._batch_counts(laid_out, ref))]
         self._all_reduce_gradients()
+        return self._reduced(stats, counts)
+
+    def _reduced(self, stats: Tensor, counts: list[float]) -> Tensor:
+        """[len(_STAT_KEYS)] float64 on the device: the device sums and the host counts, summed over ranks."""
+        stats = torch.cat([stats, torch.tensor(counts, dtype=torch.float64).to(self.device, non_blocking=True)])
         if self.distributed:
-            stats_dev = stats.to(self.device)
-            dist.all_reduce(stats_dev)
-            stats = stats_dev.cpu()
-        return dict(zip(_STAT_KEYS, stats.tolist()))
+            dist.all_reduce(stats)
+        return stats
 
     @staticmethod
-    def _batch_stats(batch: Batch, loss: Tensor, rest: list[Tensor], ref) -> Tensor:
+    def _batch_stats(loss: Tensor, rest: list[Tensor], ref) -> Tensor:
+        """The first _DEVICE_STATS statistics of a micro-batch, computed on the device (no host sync)."""
         losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = (t.detach().double() for t in rest)
-        b = batch.num_pairs
-        seg = batch.segment_ids.reshape(-1)
-        chosen_tokens = int(((seg >= 0) & (seg < b)).sum())
-        kl_num = 0.0
-        if ref is not None:
-            kl_num = float((chosen_logps - ref[0].double()).sum())
-        return torch.tensor([
-            float(loss.detach()) * b, float(chosen_rewards.sum()), float(rejected_rewards.sum()),
-            float((chosen_rewards > rejected_rewards).double().sum()), float(chosen_logps.sum()),
-            float(rejected_logps.sum()), kl_num, chosen_tokens if ref is not None else 0, b, batch.num_tokens,
-        ], dtype=torch.float64)
+        kl_num = (chosen_logps - ref[0].double()).sum() if ref is not None else chosen_logps.new_zeros(())
+        return torch.stack([
+            loss.detach().double() * chosen_logps.shape[0], chosen_rewards.sum(), rejected_rewards.sum(),
+            (chosen_rewards > rejected_rewards).double().sum(), chosen_logps.sum(), rejected_logps.sum(), kl_num,
+        ])
+
+    @staticmethod
+    def _batch_counts(laid_out: _LaidOut, ref) -> list[float]:
+        """kl_den, pairs, tokens: known on the host from the layout."""
+        return [laid_out.chosen_tokens if ref is not None else 0, laid_out.batch.num_pairs, laid_out.num_tokens]
 
     def _all_reduce_gradients(self) -> None:
         if not self.distributed or self.config.fsdp:
@@ -669,11 +744,14 @@ class DPOTrainer:
                     dst.copy_(src)
                 bucket, size = [], 0
 
-    def optimizer_step(self) -> float:
-        """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping."""
+    def optimizer_step(self) -> Tensor:
+        """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping, a 0-dim
+        tensor on the device (reading it waits for the device: the training loop reads it once per log)."""
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged as "lr")
         self.optimizer.step()
         self.scheduler.step()
@@ -688,30 +766,33 @@ class DPOTrainer:
         self.model.train()
         c = self.config
         progress = _progress_bar(self.total_steps, self.global_step, enabled=self.rank == 0)
-        window: dict[str, float] = {}
+        # Sums over the logging window, on the device: read (one host sync) once per logging step.
+        window = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=self.device)
         window_steps, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        upcoming = self._lay_out_step(self.epoch, self.step_in_epoch)
         while self.global_step < self.total_steps:
-            stats = self.compute_gradients(self.step_micro_batches(self.epoch, self.step_in_epoch))
-            stats["grad_norm"] = self.optimizer_step()
+            current = upcoming
+            following = self._following(self.epoch, self.step_in_epoch)
+            # The next step's layouts queue behind this one's: the worker keeps a step ahead of the device.
+            upcoming = self._lay_out_step(*following) if self.global_step + 1 < self.total_steps else []
+            stats = self._accumulate_gradients(current)
+            grad_norm = self.optimizer_step()
             self.global_step += 1
-            self.step_in_epoch += 1
-            if self.step_in_epoch >= self.steps_per_epoch:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            for k, v in stats.items():
-                window[k] = window.get(k, 0.0) + v
+            self.epoch, self.step_in_epoch = following
+            window += torch.cat([stats, grad_norm.to(torch.float64).view(1)])
             window_steps += 1
-            pairs = max(stats["pairs"], 1.0)
             progress.update(1)
-            progress.set_postfix(loss=f"{stats['loss'] / pairs:.4f}",
-                                 acc=f"{stats['rewards/accuracies'] / pairs:.2f}")
             if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:
+                sums = dict(zip((*_STAT_KEYS, "grad_norm"), window.tolist()))
                 elapsed = time.perf_counter() - window_start
-                last = self._window_metrics(window, window_steps, elapsed)
+                last = self._window_metrics(sums, window_steps, elapsed)
                 self.metrics.log(self.global_step, last)
-                window, window_steps, window_start = {}, 0, time.perf_counter()
+                progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+                window.zero_()
+                window_steps, window_start = 0, time.perf_counter()
             if c.save_steps and self.global_step % c.save_steps == 0:
                 self.save_checkpoint()
         progress.close()
@@ -724,6 +805,14 @@ class DPOTrainer:
             plot_metrics(self.metrics.history, os.path.join(c.output_dir, CHART_FILE))
         self.metrics.close()
         return last
+
+    def _following(self, epoch: int, step_in_epoch: int) -> tuple[int, int]:
+        """(epoch, step in epoch) of the step after the given one."""
+        return (epoch + 1, 0) if step_in_epoch + 1 >= self.steps_per_epoch else (epoch, step_in_epoch + 1)
+
+    def _lay_out_step(self, epoch: int, step_in_epoch: int) -> list[Future]:
+        return self._lay_out_ahead(self.train_pairs,
+                                   self._my_micro_batches(self.step_micro_batches(epoch, step_in_epoch)))
 
     def _window_metrics(self, window: dict[str, float], steps: int, elapsed: float) -> dict[str, float]:
         pairs = max(window["pairs"], 1.0)
@@ -756,23 +845,21 @@ class DPOTrainer:
             raise ValueError("evaluate() needs eval_data")
         was_training = self.model.training
         self.model.eval()
-        stats = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+        stats = torch.zeros(_DEVICE_STATS, dtype=torch.float64, device=self.device)
+        counts = [0.0] * (len(_STAT_KEYS) - _DEVICE_STATS)
         indices = list(range(len(self.eval_pairs)))
         size = self.config.per_device_train_batch_size
-        chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
-        for j, members in enumerate(chunks):
-            if j % self.world_size != self.rank:
-                continue
-            batch = self._build([self.eval_pairs[i] for i in members])
-            inputs = self._to_device(batch)
-            ref = self._reference_logps("eval", members, inputs)
+        chunks = [(indices[s:s + size], 1.0) for s in range(0, len(indices), size)]
+        mine = [chunk for j, chunk in enumerate(chunks) if j % self.world_size == self.rank]
+        for future in self._lay_out_ahead(self.eval_pairs, mine):
+            laid_out = future.result()
+            inputs = self._to_device(laid_out)
+            ref = self._reference_logps("eval", laid_out.members, inputs)
             loss, *rest = self._outputs(**inputs, ref_chosen=None if ref is None else ref[0],
                                         ref_rejected=None if ref is None else ref[1])
-            stats += self._batch_stats(batch, loss, rest, ref)
-        if self.distributed:
-            stats_dev = stats.to(self.device)
-            dist.all_reduce(stats_dev)
-            stats = stats_dev.cpu()
+            stats += self._batch_stats(loss, rest, ref)
+            counts = [a + b for a, b in zip(counts, self._batch_counts(laid_out, ref))]
+        stats = self._reduced(stats, counts)
         self.model.train(was_training)
         s = dict(zip(_STAT_KEYS, stats.tolist()))
         pairs = max(s["pairs"], 1.0)

@@ -13,6 +13,7 @@ import random
 
 import pytest
 import torch
+from attention_doubles import eager_flex_attention, register_varlen_sdpa, use_varlen_sdpa
 from helpers import assert_close
 
 from dpo_fast.attention import (
@@ -251,29 +252,12 @@ def test_attention_kwargs_dispatch():
 def test_varlen_kwargs_reach_the_attention_layers():
     """The flash path's plumbing on the CPU: a registered varlen attention (named like flash) gets our
     cu_seq_lens through the transformers backbone; run as block-diagonal sdpa, it must score like the 4D mask."""
-    from transformers import AttentionInterface
-
     calls = []
-
-    def varlen_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        assert attention_mask is None
-        cu = kwargs["cu_seq_lens_q"]
-        rows, heads, length, dim = query.shape
-        seq = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long()).view(rows, 1, length)
-        cols = torch.arange(length)
-        allowed = (seq.unsqueeze(-1) == seq.unsqueeze(-2)) & (cols.view(-1, 1) >= cols.view(1, -1))
-        calls.append(int(cu[-1]))
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
-                                                               enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register("flash_varlen_check", varlen_sdpa)
+    register_varlen_sdpa(calls)
     model = tiny_model("llama", "sdpa")
     pairs = mixed_pairs(12)
     expected = pair_logps(model, None, pairs, layout="packed", max_length=80, max_tokens_per_batch=260)
-    model.config._attn_implementation = "flash_varlen_check"
-    for layer in model.model.layers:
-        layer.self_attn.config._attn_implementation = "flash_varlen_check"
+    use_varlen_sdpa(model)
     got = pair_logps(model, None, pairs, layout="packed", max_length=80, max_tokens_per_batch=260)
     assert calls, "the registered attention was not called"
     assert_close(got[0], expected[0], torch.float32, "chosen")
@@ -373,15 +357,8 @@ MODELS = [("llama", "eager"), ("llama", "sdpa"), ("llama", "flex_attention"), ("
 
 @pytest.fixture(autouse=True)
 def flex_uncompiled(monkeypatch):
-    """transformers compiles FlexAttention on first use; on the CPU the tests run it eagerly (same maths)."""
-    if torch.cuda.is_available():
-        return
-    import transformers.integrations.flex_attention as hf_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
-                        lambda query, key, value, training=False, **kwargs: flex_attention(query, key, value,
-                                                                                          **kwargs))
+    if not torch.cuda.is_available():
+        eager_flex_attention(monkeypatch)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

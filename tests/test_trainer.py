@@ -7,6 +7,7 @@ the summed log-probs of the response tokens, the DPO loss averaged over the step
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,6 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(__file__))
+from attention_doubles import eager_flex_attention, register_varlen_sdpa, use_varlen_sdpa  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import checkpoint as ckpt  # noqa: E402
@@ -124,6 +126,46 @@ def test_gradients_match_float64_oracle(tmp_path, tokenizer, layout):
     assert math.isclose(stats["rewards/chosen"] / 5, float(out.chosen_rewards.mean()), rel_tol=1e-4, abs_tol=1e-6)
     acc = float((out.chosen_rewards > out.rejected_rewards).double().mean())
     assert stats["rewards/accuracies"] / 5 == acc
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_flex_sdpa_eager_and_varlen_train_the_same_step(tmp_path, tokenizer, monkeypatch, layout):
+    """One step through each attention implementation: the oracle's gradients and the same statistics.
+    FlexAttention gets one row per micro-batch padded to its tile; the varlen stand-in (named like flash)
+    runs "prefix_shared" as "packed"."""
+    eager_flex_attention(monkeypatch)
+    register_varlen_sdpa()
+    vocab = len(tokenizer)
+    model, ref = tiny_model(vocab, 0), tiny_model(vocab, 1)
+    pairs = random_pairs(5, vocab, seed=6)
+    expected, out = oracle_gradients(model, ref, pairs)
+    stats = {}
+    for attn in ("eager", "sdpa", "flex_attention", "varlen"):
+        policy, reference = copy.deepcopy(model), copy.deepcopy(ref)
+        for m in (policy, reference):
+            use_varlen_sdpa(m) if attn == "varlen" else m.set_attn_implementation(attn)
+        with pytest.warns(UserWarning, match="using the 'packed' layout") if attn == "varlen" and \
+                layout == "prefix_shared" else contextlib.nullcontext():
+            trainer = DPOTrainer(policy, tokenizer, pairs, ref_model=reference,
+                                 config=make_config(tmp_path / attn, layout=layout, per_device_train_batch_size=3))
+        assert trainer.attn_implementation == (attn if attn != "varlen" else "flash_varlen_sdpa")
+        assert trainer.layout == ("packed" if attn == "varlen" else layout)
+        stats[attn] = trainer.compute_gradients([[0, 1, 2], [3, 4]])
+        assert_grads_close(grads(trainer.model), expected, ORACLE_RTOL, f"{layout}/{attn} vs float64 oracle")
+        assert math.isclose(stats[attn]["loss"] / 5, float(out.loss.detach()), rel_tol=1e-5)
+    for attn, got in stats.items():
+        for key in ("pairs", "rewards/accuracies"):
+            assert got[key] == stats["eager"][key], (attn, key)
+
+
+def test_checkpointing_is_on_by_default_and_the_reference_does_not_recompute(tmp_path, tokenizer):
+    assert DPOConfig().gradient_checkpointing
+    vocab = len(tokenizer)
+    trainer = DPOTrainer(tiny_model(vocab), tokenizer, random_pairs(2, vocab), config=make_config(tmp_path))
+    trainer.compute_gradients([[0, 1]])
+    assert trainer.model.is_gradient_checkpointing
+    assert not trainer.ref_model.is_gradient_checkpointing
 
 
 def test_softcapped_head_matches_float64_oracle(tmp_path, tokenizer):
