@@ -1,17 +1,30 @@
 """Token log-probs from materialised logits: `log_softmax(logits)[n, labels[n]]` and its gradient.
 
-One program per token row. The forward streams the row once in vocab tiles, keeping a running max
-and a running sum of exponentials in float32 (online log-sum-exp), so a row of any length costs one
-read and no scratch memory. The backward streams it again and writes `g * (onehot - softmax)`
-straight into the gradient in the logits' dtype: no float32 copy of `[N, V]` ever exists.
+Both kernels are memory-bound streams over an [N, V] buffer (the logits of `fused_dpo_loss`, or a chunk
+of logits that cuBLAS just wrote in the linear schedules), so they are built for bandwidth:
+
+- One program per token row, looping over the vocabulary in BLOCK_V tiles. At the benchmark shape
+  (16384 rows) that is dozens of waves of programs, so a persistent grid would only save block
+  launches (microseconds); rows of a 32k-256k vocabulary are long enough to fill a program alone.
+- One read per pass. The forward keeps a running max (one cross-warp reduction per tile) and a
+  per-lane running sum of exponentials, reduced once at the end: the old scalar sum cost a second
+  reduction, and a second barrier, per tile. One exp per element either way.
+- The next tile is loaded before the current one is reduced (manual double buffering): a program then
+  has two tiles of loads in flight while it waits on a reduction, instead of one.
+- Streaming loads are `evict_first`: a row is read once per pass and the buffer (hundreds of MB) is far
+  larger than L2, so keeping it there would only evict the small vectors.
+- The launcher (`dpo_fast/ops/triton_logps.py`) picks BLOCK_V and num_warps so each thread holds four
+  128-bit vectors per tile. Loads and stores are 128-bit only when Triton sees V and the row stride
+  divisible by 16 (true of the usual vocabularies, 32000/128256/151936/262144; the sm_90 PTX is checked
+  by tests/test_triton_logps.py); a ragged vocabulary (50257, 32003) falls back to narrower accesses,
+  since its rows are not 16-byte aligned anyway.
+
+The backward writes `g * (onehot - softmax)` straight into the gradient in the logits' dtype (no float32
+copy of [N, V]); DLogits may be Logits itself (the in-place gradient of the linear schedules): each tile
+is read before it is written, and a prefetched tile is never one written before.
 
 Rows whose label is the ignore index are not scored: the forward writes 0 without reading the row,
 the backward writes a zero row without reading the logits.
-
-The launcher (`dpo_fast/ops/triton_logps.py`) guarantees unit stride along the vocabulary. Loads and
-stores are 128-bit only when Triton sees V and the row stride divisible by 16 (true of the usual
-vocabularies, 32000/128256/151936/262144; checked in the sm_90 PTX); a ragged vocabulary (50257, 32003)
-falls back to 16-bit accesses, since its rows are not 16-byte aligned anyway.
 """
 
 import triton
@@ -40,18 +53,24 @@ def _token_logps_fwd(
     cols = tl.arange(0, BLOCK_V)
 
     # The first tile is peeled so the running max starts finite (no -inf - -inf = NaN on the rescale)
-    # and both loop-carried values start as float32 scalars.
-    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    # and the loop-carried values start with their types (a float32 scalar max, float32 lane sums).
+    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
+    nxt = tl.load(row_ptr + BLOCK_V + cols, mask=BLOCK_V + cols < V, other=float("-inf"),
+                  eviction_policy="evict_first")
+    x = x.to(tl.float32)
     m = tl.max(x, axis=0)
-    s = tl.sum(tl.exp(x - m), axis=0)
+    s = tl.exp(x - m)  # per-lane partial sums of exp(x - m)
     for start in range(BLOCK_V, V, BLOCK_V):
-        offs = start + cols
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = nxt.to(tl.float32)
+        # Issued before this tile's reduction: its latency overlaps the barrier below. Past V it is
+        # fully masked and moves no bytes.
+        offs = start + BLOCK_V + cols
+        nxt = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"), eviction_policy="evict_first")
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # One exp per element: the old sum is rescaled once per tile, not per element.
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # The lanes' sums are rescaled by one scalar exp per tile, not one per element.
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
         m = m_new
-    lse = m + tl.log(s)
+    lse = m + tl.log(tl.sum(s, axis=0))
 
     # An out-of-range label is never read (it would be out of bounds): its log-prob is NaN, which
     # poisons the loss visibly instead of silently scoring a wrong token.
@@ -67,7 +86,7 @@ def _token_logps_bwd(
     Labels,  # [N] int64 target ids; IGNORE where the token is not scored
     Lse,  # [N] float32 per-row log-sum-exp saved by the forward
     Grad,  # [N] float32 (or any float) upstream gradient of the token log-probs, contiguous
-    DLogits,  # [N, V] out, dtype of Logits, contiguous: grad[n] * (onehot(label) - softmax(logits[n]))
+    DLogits,  # [N, V] out, dtype of Logits, contiguous (may be Logits): grad * (onehot(label) - softmax)
     stride_row,  # elements between consecutive rows of Logits
     V,  # vocabulary size
     ignore_index,  # label value that marks a token as not scored
@@ -87,10 +106,15 @@ def _token_logps_bwd(
     row_ptr = Logits + row * stride_row
     g = tl.load(Grad + row).to(tl.float32)
     lse = tl.load(Lse + row)
+    # No reduction here, so warps stream independently; the next tile is still loaded before this one
+    # is stored, for two tiles of loads in flight per program.
+    nxt = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        x = nxt.to(tl.float32)
+        ahead = offs + BLOCK_V
+        nxt = tl.load(row_ptr + ahead, mask=ahead < V, other=float("-inf"), eviction_policy="evict_first")
         d = -g * tl.exp(x - lse)
         d = tl.where(offs == label, d + g, d)
         tl.store(out_ptr + offs, d.to(DLogits.dtype.element_ty), mask=mask)

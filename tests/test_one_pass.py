@@ -13,7 +13,7 @@ from dpo_fast import ops
 from dpo_fast import reference as ref
 from dpo_fast.functional import _FlatHidden, linear_dpo_loss
 from dpo_fast.losses import LENGTH_NORMALISED, LOSS_TYPES, PAIR_SEPARABLE, REFERENCE_FREE, LossConfig
-from dpo_fast.ops import torch_one_pass
+from dpo_fast.ops import schedule, torch_one_pass
 
 IGNORE = -100
 
@@ -29,16 +29,19 @@ IGNORE = -100
 # bf16 case below: max error median 1.2%, worst 4.1% of the largest entry; the recompute schedule 2.2%
 # and 4.9%). So the gradients are compared with the plain float64 reference at 3e-2, and the forward
 # values with the float64 reference on the rounded logits (ROUNDED_LOGITS_FORWARD).
+# float16 (the triton two-pass schedule): the same model with 3 more mantissa bits, so bf16's tolerances / 8.
 TOLERANCES = {
     torch.float64: (1e-9, 1e-12),
     torch.float32: (1e-5, 5e-5),
     torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (3e-2 / 8, 3e-2 / 8),
     "bf16 logits": (1e-3, 1e-4),
+    "fp16 logits": (1e-3 / 8, 1e-4 / 8),
 }
 # Low-precision dtypes whose forward values (log-probs, losses, rewards) are compared with the float64
 # reference on the lm_head's rounded logits, under the named tolerance: the gradients still are compared
 # with the plain float64 reference.
-ROUNDED_LOGITS_FORWARD = {torch.bfloat16: "bf16 logits"}
+ROUNDED_LOGITS_FORWARD = {torch.bfloat16: "bf16 logits", torch.float16: "fp16 logits"}
 
 LOSS_KWARGS = {
     "exo_pair": dict(label_smoothing=1e-3),
@@ -120,7 +123,9 @@ def _one_pass(hidden, weight, bias, labels, ref_c, ref_r, *, segment_ids=None, c
 
 
 def _check_against_reference(out, inputs, reference_inputs, ref_c, ref_r, kwargs, dtype, segment_ids=None,
-                             grad_scale=1.0):
+                             grad_scale=1.0, one_pass=True):
+    """`one_pass`: the output comes from a one-pass schedule, whose per-pair fields are detached (the
+    token-level schedules leave `losses` and the log-probs in the graph, as autograd made them)."""
     hidden, weight, bias = inputs
     (out.loss * grad_scale).backward()
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in reference_inputs[:3])
@@ -147,7 +152,7 @@ def _check_against_reference(out, inputs, reference_inputs, ref_c, ref_r, kwargs
     _allclose("dbias", bias.grad, b64.grad, dtype)
     assert hidden.grad.dtype == hidden.dtype and weight.grad.dtype == weight.dtype and bias.grad.dtype == bias.dtype
     for name in ("losses", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
-        assert not getattr(out, name).requires_grad, name
+        assert not (one_pass and getattr(out, name).requires_grad), name
 
 
 @pytest.mark.parametrize("nll_weight", [0.0, 0.4])
@@ -284,22 +289,19 @@ def test_hook_declines_batch_coupled_losses(loss_type):
     assert _hook(loss_type, "torch") is None
 
 
-def test_hook_declines_triton_unless_its_one_pass_is_enabled(monkeypatch):
-    # The triton backend's own one-pass schedule is opt-in (tests/test_triton_one_pass.py covers it on).
-    from dpo_fast.ops import triton_one_pass
-
-    monkeypatch.setattr(triton_one_pass, "ENABLED", False)
-    assert _hook("sigmoid", "triton") is None
+def _min_tokens(config: LossConfig) -> int:
+    one = torch_one_pass.single_buffer_applies(config)
+    return schedule.TORCH_MIN_TOKENS_PER_PAIR["one buffer" if one else "two buffers"]
 
 
 def test_hook_picks_one_pass_for_long_pairs_and_matches_reference():
     config = LossConfig(beta=0.3, loss_type="nca_pair")
-    per_seq = torch_one_pass.min_tokens_per_pair(config) // 2 + 9  # scored tokens per pair above the threshold
+    per_seq = _min_tokens(config) // 2 + 9  # scored tokens per pair above the threshold
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(13, "nca_pair", torch.float64, b=2, t=per_seq + 5,
                                                                fully_masked_row=False)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     flat = _FlatHidden(leaves[0], labels, None, IGNORE, weight.shape[0])
-    assert int((flat.labels != IGNORE).sum()) >= torch_one_pass.min_tokens_per_pair(config) * 2
+    assert int((flat.labels != IGNORE).sum()) >= _min_tokens(config) * 2
     out = ops.linear_dpo_loss_one_pass(config, flat, leaves[1], leaves[2], ref_c, ref_r, backend="torch")
     assert out is not None
     _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float64)
@@ -309,7 +311,7 @@ def test_hook_leaves_short_pairs_to_the_recompute_schedule():
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(14, "sigmoid", torch.float64, b=2, t=9)
     flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
     config = LossConfig(**kwargs)
-    assert int((flat.labels != IGNORE).sum()) < torch_one_pass.min_tokens_per_pair(config) * 2
+    assert int((flat.labels != IGNORE).sum()) < _min_tokens(config) * 2
     assert ops.linear_dpo_loss_one_pass(config, flat, weight, bias, ref_c, ref_r, backend="torch") is None
 
 

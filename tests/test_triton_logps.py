@@ -206,9 +206,16 @@ def test_bad_input_is_named():
 
 
 def test_block_rule():
-    assert triton_logps.default_block_v(123) == 128
-    assert triton_logps.default_block_v(32003) == 4096
-    assert triton_logps.default_block_v(1) == 1
+    # 16 KB tiles: 8192 bf16/fp16 entries, 4096 float32; a small vocabulary rounded up to a power of two.
+    assert triton_logps.default_block_v(123, 2) == 128
+    assert triton_logps.default_block_v(32003, 2) == 8192
+    assert triton_logps.default_block_v(32003, 4) == 4096
+    assert triton_logps.default_block_v(1, 4) == 1
+    # Warps by tile bytes: four 16-byte vectors per thread, 1 to 8 warps.
+    assert triton_logps.num_warps_for(8192, 2) == 8
+    assert triton_logps.num_warps_for(4096, 4) == 8
+    assert triton_logps.num_warps_for(1024, 2) == 1
+    assert triton_logps.num_warps_for(128, 2) == 1
 
 
 def test_torch_compile_traces_without_graph_break():
@@ -378,3 +385,59 @@ def test_gpu_inductor_compiles_triton_op():
     torch.compile(loss, fullgraph=True)(x, labels).backward()
     ref_out, ref_grad = _reference(logits, labels, g)
     assert_within("dlogits", x.grad, ref_grad, _grad_tol(torch.bfloat16, ref_grad, labels, g))
+
+
+# ---------------------------------------------------------------- GPU code generation, without a GPU
+
+_PTX_FOR_SM90 = r"""
+import re
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dpo_fast.kernels import logps
+from dpo_fast.ops import triton_logps
+
+assert isinstance(logps._token_logps_fwd, triton.runtime.jit.JITFunction), "still interpreted"
+dtype, itemsize, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+block_v = triton_logps.default_block_v(vocab, itemsize)
+for name in ("_token_logps_fwd", "_token_logps_bwd"):
+    fn = getattr(logps, name)
+    # The naming convention gives the types: BLOCK_V constexpr, Capitalised = pointer, else int (V too).
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg == "BLOCK_V":
+            sig[arg] = "constexpr"
+        elif arg[0].isupper() and not arg.isupper():
+            sig[arg] = {"Logits": "*" + dtype, "DLogits": "*" + dtype, "Labels": "*i64"}.get(arg, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch's allocations are 16-byte aligned
+        else:
+            sig[arg] = "i32"
+            if arg in ("stride_row", "V") and vocab % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]  # what Triton's launcher specialises on
+    src = ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_V": block_v}, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=triton_logps.num_warps_for(block_v, itemsize)))
+    ptx = kernel.asm["ptx"]
+    loads = re.findall(r"\bld\.global[\w.:]*", ptx)  # predicated ones too (`@%p1 ld.global...`)
+    stores = re.findall(r"\bst\.global[\w.:]*", ptx)
+    print(name, "loads", sorted(set(loads)), "stores", sorted(set(stores)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
+@pytest.mark.parametrize("dtype,itemsize", [("bf16", 2), ("fp32", 4)])
+def test_aligned_vocab_compiles_to_128_bit_accesses(dtype, itemsize):
+    """sm_90 PTX, offline: at Llama-3's 128256 vocabulary (a multiple of 16) the streaming loads and the
+    gradient's stores must be 128-bit vectors (`ld.global...v4.b32`: 8 bf16 or 4 float32 per access);
+    16-bit accesses would cap the kernels far below copy bandwidth."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PTX_FOR_SM90, dtype, str(itemsize), "128256"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("_token_logps"))
+    assert set(lines) == {"_token_logps_fwd", "_token_logps_bwd"}, done.stdout
+    for name, accesses in lines.items():
+        assert ".v4.b32" in accesses.split("stores")[0], f"{name}: no 128-bit load in {accesses}"
+    assert ".v4.b32" in lines["_token_logps_bwd"].split("stores")[1], lines["_token_logps_bwd"]

@@ -1,16 +1,18 @@
-"""The pair-chunk one-pass schedule of `linear_dpo_loss` on the triton backend (`ops.triton_one_pass`)
-against the float64 reference: forward and the gradients of hidden, weight and bias, float32 and bf16,
-padded and packed (tokens in a random order), pairs grouped under a small logits budget, and the
-conditions under which it declines. Under TRITON_INTERPRET=1 on the CPU (set by conftest)."""
+"""The pair-chunk one-pass schedule of `linear_dpo_loss` on the triton backend (`ops.triton_one_pass`), the
+CUDA default for pair-separable losses, against the float64 reference: forward and the gradients of hidden,
+weight and bias, every pair-separable loss, float32 and bf16, padded and packed (tokens in a random
+order), fully masked responses, pairs grouped under a small logits budget. Under TRITON_INTERPRET=1 on the
+CPU (set by conftest). Which schedule runs when is tests/test_schedule.py's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dpo_fast import ops
 from dpo_fast.functional import _FlatHidden, linear_dpo_loss
-from dpo_fast.losses import LossConfig
-from dpo_fast.ops import triton_one_pass
+from dpo_fast.losses import PAIR_SEPARABLE, LossConfig
+from dpo_fast.ops import schedule, triton_one_pass
 from tests.test_one_pass import IGNORE, _check_against_reference, _to_packed
 from tests.test_one_pass import _case as _cpu_case
 
@@ -26,8 +28,7 @@ def _case(*args, **kwargs):
 def _run(hidden, weight, bias, labels, ref_c, ref_r, *, segment_ids=None, **kwargs):
     config = LossConfig(**kwargs)
     flat = _FlatHidden(hidden, labels, segment_ids, IGNORE, weight.shape[0])
-    assert triton_one_pass.applies(config, flat.values, weight, bias, flat.labels, flat.segment_ids,
-                                   flat.num_sequences, IGNORE)
+    assert ops.linear_loss_schedule_for(config, flat, weight, bias, backend="triton") == schedule.TRITON_ONE_PASS
     lengths = flat.lengths() if config.needs_lengths else None
     return triton_one_pass.linear_dpo_loss_pair_chunks(
         config, flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE, ref_c, ref_r,
@@ -46,7 +47,7 @@ def test_padded_against_reference(monkeypatch, loss_type, nll_weight, dtype):
     hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(21, loss_type, dtype)
     kwargs["nll_weight"] = nll_weight
     # Room for about one and a half pairs: groups of one pair, and of two where two short ones fit.
-    monkeypatch.setattr(triton_one_pass, "LOGITS_BUDGET_BYTES", _budget_for(50, weight.shape[0], dtype))
+    monkeypatch.setattr(schedule, "LOGITS_BUDGET_BYTES", _budget_for(50, weight.shape[0], dtype))
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     out = _run(*leaves, labels, ref_c, ref_r, **kwargs)
     _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, dtype)
@@ -82,41 +83,29 @@ def test_no_grad_gives_the_log_probs():
     assert not out.loss.requires_grad
 
 
-def test_declines_what_it_cannot_do(monkeypatch):
-    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(25, "sigmoid", torch.float32)
-    flat = _FlatHidden(hidden, labels, None, IGNORE, weight.shape[0])
-    args = (flat.values, weight, bias, flat.labels, flat.segment_ids, flat.num_sequences, IGNORE)
-    config = LossConfig(**kwargs)
-    assert triton_one_pass.applies(config, *args)
-    assert not triton_one_pass.applies(LossConfig(beta=0.1, loss_type="aot"), *args)  # not pair-separable
-    half = (flat.values.half(), weight.half(), bias.half(), *args[3:])
-    assert not triton_one_pass.applies(config, *half)  # float16: left to the fused kernels
-    mixed = (flat.values.bfloat16(), weight.bfloat16(), bias, *args[3:])
-    assert not triton_one_pass.applies(config, *mixed)  # a float32 bias on a bf16 head: the fused kernels
-    # A budget below the largest pair's logits: the fused kernels keep memory bounded instead.
-    largest = int(torch.bincount(flat.segment_ids[flat.labels != IGNORE] % (flat.num_sequences // 2)).max())
-    monkeypatch.setattr(triton_one_pass, "LOGITS_BUDGET_BYTES", _budget_for(largest, weight.shape[0],
-                                                                            torch.float32) - 1)
-    assert not triton_one_pass.applies(config, *args)
-
-
-def test_public_api_takes_it_only_when_enabled(monkeypatch):
-    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(26, "sigmoid", torch.float32)
+def _spy(monkeypatch) -> list:
     calls = []
     original = triton_one_pass.linear_dpo_loss_pair_chunks
     monkeypatch.setattr(triton_one_pass, "linear_dpo_loss_pair_chunks",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    grads = {}
-    for enabled in (False, True):
-        monkeypatch.setattr(triton_one_pass, "ENABLED", enabled)
-        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        out = linear_dpo_loss(leaves[0], leaves[1], labels, ref_c, ref_r, bias=leaves[2], backend="triton", **kwargs)
-        assert len(calls) == int(enabled)
-        out.loss.backward()
-        grads[enabled] = [out.loss.detach()] + [t.grad for t in leaves]
-    # Off: the fused-linear kernels, whose own tests compare them with the reference; on: the same numbers.
-    for off, on in zip(grads[False], grads[True]):
-        torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5)
+    return calls
+
+
+@pytest.mark.parametrize("loss_type", sorted(PAIR_SEPARABLE))
+def test_every_pair_separable_loss_through_the_public_api(monkeypatch, loss_type):
+    """The default: `linear_dpo_loss(backend="triton")` runs this schedule for every pair-separable loss,
+    padded (with a fully masked rejected response where the loss allows one) or packed (alternately)."""
+    calls = _spy(monkeypatch)
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _case(30, loss_type, torch.float32)
+    segment_ids = None
+    if sorted(PAIR_SEPARABLE).index(loss_type) % 2:
+        hidden, labels, segment_ids = (t.to(DEVICE) for t in _to_packed(hidden.cpu(), labels.cpu(), seed=31))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = linear_dpo_loss(leaves[0], leaves[1], labels, ref_c, ref_r, bias=leaves[2], segment_ids=segment_ids,
+                          backend="triton", **kwargs)
+    assert calls == [1]
+    _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float32,
+                             segment_ids=segment_ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -47,15 +47,6 @@ def single_buffer_applies(config: LossConfig) -> bool:
     return config.loss_type in _DELTA_ONLY and config.nll_weight == 0
 
 
-# Scored tokens per pair from which this schedule beats the recompute one (measured on the CPU: see
-# `dpo_fast.ops.linear_dpo_loss_one_pass`, which applies the rule).
-MIN_TOKENS_PER_PAIR = {"one buffer": 64, "two buffers": 128}
-
-
-def min_tokens_per_pair(config: LossConfig) -> int:
-    return MIN_TOKENS_PER_PAIR["one buffer" if single_buffer_applies(config) else "two buffers"]
-
-
 def pair_grads(config: LossConfig, logp_c: Tensor, logp_r: Tensor, ref_chosen: Tensor | None,
                ref_rejected: Tensor | None, lengths: Tensor | None, i0: int, i1: int,
                num_pairs: int) -> tuple[Tensor, Tensor]:

@@ -22,25 +22,31 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from dpo_fast.kernels.logps import _token_logps_bwd, _token_logps_fwd
 
-# Largest vocab tile. On a GPU, 4096 elements over 8 warps is 16 per thread: two 128-bit loads of bf16,
-# few enough registers to keep several programs per SM, and a short loop even at 256k vocabularies
-# (64 tiles); the padded tail of a ragged vocabulary (32003 -> 8 tiles) wastes at most one tile.
+# Bytes of one vocab tile: 16 KB is four 128-bit vectors per thread over 8 warps (256 threads), so a
+# program has 16 KB of loads in flight per tile and, with the kernels' prefetch, 32 KB: 8192 entries of
+# bf16/fp16, 4096 of fp32. Wider tiles would raise the register count (fewer programs per SM) for no
+# more bytes in flight per SM; narrower ones put fewer bytes in flight than the H200's latency x
+# bandwidth product asks of each SM (about 4.8 TB/s x ~0.7 us / 132 SMs = 25 KB). A ragged vocabulary's
+# padded tail wastes at most one tile of arithmetic, never bytes (masked lanes move nothing).
 # Under the interpreter a tile costs a fixed handful of numpy calls whatever its width, so the same wide
 # tile is also the fastest there (5 x 32003 fwd+bwd: 0.10 s at 4096, 0.30 s at 1024); tests pass a small
 # `block_v` to cover the multi-tile loop on small vocabularies.
-MAX_BLOCK_V = 4096
+TILE_BYTES = 16384
+# Bytes each thread loads per tile: four 16-byte vectors.
+THREAD_BYTES = 64
 
 _COMPILED = isinstance(_token_logps_fwd, triton.runtime.jit.JITFunction)
 
 
-def default_block_v(vocab_size: int) -> int:
-    """The vocab tile width: the vocabulary rounded up to a power of two, capped at MAX_BLOCK_V."""
-    return min(triton.next_power_of_2(max(vocab_size, 1)), MAX_BLOCK_V)
+def default_block_v(vocab_size: int, itemsize: int) -> int:
+    """The vocab tile width: the vocabulary rounded up to a power of two, capped at TILE_BYTES."""
+    return min(triton.next_power_of_2(max(vocab_size, 1)), TILE_BYTES // itemsize)
 
 
-def _num_warps(block_v: int) -> int:
-    # About 16 elements per thread at the widest tile, never fewer than one warp.
-    return max(1, min(8, block_v // 512))
+def num_warps_for(block_v: int, itemsize: int) -> int:
+    """Warps per program, by the tile's bytes: THREAD_BYTES per thread (1 warp for a small vocabulary,
+    8 for a full 16 KB tile), so every thread issues whole 128-bit vectors."""
+    return max(1, min(8, block_v * itemsize // (THREAD_BYTES * 32)))
 
 
 def _check_inputs(logits: Tensor, labels: Tensor, block_v: int | None) -> None:
@@ -69,33 +75,45 @@ def _unit_vocab_stride(logits: Tensor) -> Tensor:
     return logits if logits.stride(1) == 1 or logits.shape[1] == 1 else logits.contiguous()
 
 
-def _forward_impl(logits: Tensor, labels: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor]:
-    logits = _unit_vocab_stride(logits)
-    labels = labels.contiguous()
+def launch_forward(logits: Tensor, labels: Tensor, ignore_index: int,
+                   block_v: int | None = None) -> tuple[Tensor, Tensor]:
+    """The forward kernel on [N, V] logits (unit vocab stride), int64 labels: ([N] logps, [N] lse) float32.
+    Shared by this op and both linear schedules (their logits chunks come from cuBLAS)."""
     n, v = logits.shape
     logps = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    block_v = default_block_v(v, logits.element_size()) if block_v is None else block_v
     if n > 0:
         wrap_triton(_token_logps_fwd)[(n,)](
             logits, labels, logps, lse, logits.stride(0), v, ignore_index,
-            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+            BLOCK_V=block_v, num_warps=num_warps_for(block_v, logits.element_size()),
         )
     return logps, lse
+
+
+def launch_backward(logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor, ignore_index: int, out: Tensor,
+                    block_v: int | None = None) -> None:
+    """out <- grad * (onehot - softmax(logits)), row by row; `out` is contiguous [N, V] and may be `logits`
+    itself (the linear schedules' in-place gradient). grad: [N] contiguous."""
+    n, v = logits.shape
+    block_v = default_block_v(v, logits.element_size()) if block_v is None else block_v
+    if n > 0:
+        wrap_triton(_token_logps_bwd)[(n,)](
+            logits, labels, lse, grad, out, logits.stride(0), v, ignore_index,
+            BLOCK_V=block_v, num_warps=num_warps_for(block_v, logits.element_size()),
+        )
+
+
+def _forward_impl(logits: Tensor, labels: Tensor, ignore_index: int, block_v: int) -> tuple[Tensor, Tensor]:
+    return launch_forward(_unit_vocab_stride(logits), labels.contiguous(), ignore_index, block_v)
 
 
 def _backward_impl(logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor, ignore_index: int,
                    block_v: int) -> Tensor:
     logits = _unit_vocab_stride(logits)
-    labels = labels.contiguous()
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     # grad of a sum arrives expanded (stride 0); [N] is small, so a contiguous copy costs nothing.
-    grad = grad.contiguous()
-    n, v = logits.shape
-    dlogits = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-    if n > 0:
-        wrap_triton(_token_logps_bwd)[(n,)](
-            logits, labels, lse, grad, dlogits, logits.stride(0), v, ignore_index,
-            BLOCK_V=block_v, num_warps=_num_warps(block_v),
-        )
+    launch_backward(logits, labels.contiguous(), lse, grad.contiguous(), ignore_index, dlogits, block_v)
     return dlogits
 
 
@@ -154,6 +172,6 @@ def token_logps(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, blo
     _check_inputs(logits, labels, block_v)
     logits = _unit_vocab_stride(logits)
     if block_v is None:
-        block_v = default_block_v(logits.shape[1])
+        block_v = default_block_v(logits.shape[1], logits.element_size())
     logps, _ = _fwd_op(logits, labels.to(torch.int64), int(ignore_index), int(block_v))
     return logps

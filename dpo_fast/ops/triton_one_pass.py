@@ -1,10 +1,10 @@
 """One-pass DPO loss from hidden states on the GPU: whole pairs' logits by cuBLAS, softmax by Triton.
 
-The fused-linear Triton kernels (`triton_linear`) run every product in tl.dot and, in their "tiles"
-backward, rebuild the logits twice: 10·N·H·V flops. For pair-separable losses this schedule does the
-6·N·H·V of the math, all of it in cuBLAS, by taking whole pairs at a time (a pair's coefficient
-dL/dlogp is known once its own tokens are seen). For each group of consecutive pairs whose logits fit in
-LOGITS_BUDGET_BYTES:
+The default CUDA schedule of `linear_dpo_loss` for pair-separable losses (see `schedule.py`; measured on
+an H200 at 1.01x the 6·N·H·V roofline, 0.84x Liger's time, 0.35x its extra memory). It does the 6·N·H·V
+flops of the math, all of them in cuBLAS, by taking whole pairs at a time (a pair's coefficient dL/dlogp
+is known once its own tokens are seen). For each group of consecutive pairs whose logits fit in
+`schedule.LOGITS_BUDGET_BYTES`:
 
 1. logits = h W^T (+ b) for the group's scored tokens: one cuBLAS product into a reused buffer, in
    the input dtype (what the model's lm_head computes);
@@ -17,12 +17,11 @@ Memory beyond inputs and gradients: the logits buffer (<= LOGITS_BUDGET_BYTES, o
 at a 128k vocabulary) and the group's gathered hidden rows. Nothing [V, H] in float32: dweight sums
 the groups' products in its own dtype (cuBLAS accumulates each product in float32 and adds it to the
 running sum before one rounding: one rounding per group, as gradient accumulation over micro-batches
-does). Where a single pair's logits exceed the budget, or for float16 (whose range D's small entries
-and the running dweight sum would leave), `applies` says no and the caller keeps the tile-bounded
-kernels.
+does). float16 (whose range the running dweight sum would leave), a bias in another dtype, and a pair
+whose logits exceed the budget go to the two-pass schedule (`triton_linear`), which chunks tokens.
 
-The schedule is chosen by `dpo_fast.ops.linear_dpo_loss_one_pass` when ENABLED; on the CPU it runs under
-TRITON_INTERPRET=1 like every Triton path (the tests' route), where the products are torch's.
+On the CPU it runs under TRITON_INTERPRET=1 like every Triton path (the tests' route), where the products
+are torch's.
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ import contextlib
 import torch
 from torch import Tensor
 
-from dpo_fast.kernels.logps import _token_logps_bwd, _token_logps_fwd
-
-from ..losses import PAIR_SEPARABLE, LossConfig
+from ..losses import LossConfig
+from . import schedule
 from .torch_one_pass import (
     _batch_loss,
     _group_by_pair,
@@ -44,41 +42,12 @@ from .torch_one_pass import (
     one_pass_output,
     pair_grads,
 )
-from .triton_logps import _num_warps, default_block_v
-
-# Bytes of the logits buffer: one pair of 2 x 1024 tokens at Llama-3's 128256 vocabulary in bf16 is
-# 525 MB. Untimed on a GPU: a 2048 x 4096 x 128256 product already keeps cuBLAS at its full rate, so a
-# larger buffer would add memory, not speed.
-LOGITS_BUDGET_BYTES = 2**29
-
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
-
-# Opt-in until a GPU benchmark has compared it with the fused-linear kernels (benchmarks/bench_loss.py
-# times both on CUDA): `linear_dpo_loss(..., backend="triton")` takes this schedule only when True.
-# Numerics differ slightly: here the logits are rounded to the input dtype as the model's own lm_head
-# rounds them (as the torch backend and a plain bf16 forward do); the fused kernels keep them in float32.
-ENABLED = False
-
-
-def applies(config: LossConfig, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-            segment_ids: Tensor, num_sequences: int, ignore_index: int) -> bool:
-    """True when this schedule can run: a pair-separable loss, bf16/fp32 (hidden, weight and bias alike),
-    every pair within the budget."""
-    if config.loss_type not in PAIR_SEPARABLE or hidden.dtype not in SUPPORTED_DTYPES:
-        return False
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != weight.dtype):
-        return False  # the lm_head's product needs one dtype; the fused kernels take mixed ones
-    scored = labels != ignore_index
-    seg = segment_ids[scored]
-    b = num_sequences // 2
-    tokens = torch.bincount(seg % b, minlength=b) if b > 0 else seg
-    largest = int(tokens.max()) if tokens.numel() else 0
-    return largest * weight.shape[0] * hidden.element_size() <= LOGITS_BUDGET_BYTES
+from .triton_logps import launch_backward, launch_forward
 
 
 def _pair_groups(offsets: list[int], num_pairs: int, vocab: int, itemsize: int) -> list[tuple[int, int]]:
     """Consecutive pairs [i0, i1) whose logits fit in the budget together (at least one pair each)."""
-    max_tokens = max(1, LOGITS_BUDGET_BYTES // (vocab * itemsize))
+    max_tokens = max(1, schedule.LOGITS_BUDGET_BYTES // (vocab * itemsize))
     groups, i0 = [], 0
     while i0 < num_pairs:
         i1 = i0 + 1
@@ -87,26 +56,6 @@ def _pair_groups(offsets: list[int], num_pairs: int, vocab: int, itemsize: int) 
         groups.append((i0, i1))
         i0 = i1
     return groups
-
-
-def _launch_forward(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    n, v = logits.shape
-    logps = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logps)
-    block_v = default_block_v(v)
-    if n > 0:
-        _token_logps_fwd[(n,)](logits, labels, logps, lse, logits.stride(0), v, ignore_index, BLOCK_V=block_v,
-                               num_warps=_num_warps(block_v))
-    return logps, lse
-
-
-def _launch_backward_in_place(logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor, ignore_index: int) -> None:
-    """logits <- grad * (onehot - softmax(logits)), row by row: each tile is read before it is written."""
-    n, v = logits.shape
-    block_v = default_block_v(v)
-    if n > 0:
-        _token_logps_bwd[(n,)](logits, labels, lse, grad, logits, logits.stride(0), v, ignore_index,
-                               BLOCK_V=block_v, num_warps=_num_warps(block_v))
 
 
 class TritonOnePassLinearDPO(torch.autograd.Function):
@@ -150,7 +99,7 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
                     torch.mm(h, weight.T, out=logits)
                 else:
                     torch.addmm(bias, h, weight.T, out=logits)
-                tok, lse = _launch_forward(logits, y, ignore_index)
+                tok, lse = launch_forward(logits, y, ignore_index)
                 local = sequence_of[start:end] - 2 * i0  # 2k: pair i0 + k's chosen response, 2k + 1 its rejected
                 sums = torch.zeros(2 * (i1 - i0), dtype=torch.float32, device=device).index_add_(0, local, tok)
                 seq[i0:i1], seq[b + i0:b + i1] = sums[0::2], sums[1::2]
@@ -158,7 +107,7 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
                     continue
                 g_c, g_r = pair_grads(config, sums[0::2], sums[1::2], ref_chosen, ref_rejected, lengths, i0, i1, b)
                 g_tok = torch.stack([g_c, g_r], dim=1).reshape(-1)[local].contiguous()
-                _launch_backward_in_place(logits, y, lse, g_tok, ignore_index)  # logits now holds D
+                launch_backward(logits, y, lse, g_tok, ignore_index, out=logits)  # logits now holds D
                 if need_h:
                     dh = torch.mm(logits, weight)
                     if span is not None:
@@ -189,7 +138,7 @@ def linear_dpo_loss_pair_chunks(config: LossConfig, hidden: Tensor, weight: Tens
                                 lengths: Tensor | None):
     """DPO loss of a pair-separable loss by this schedule; returns a `DPOOutput`. Same contract as
     `torch_one_pass.linear_dpo_loss_one_pass` (packed form, sequences 0..B-1 chosen, B..2B-1 rejected);
-    call `applies` first."""
+    `schedule.linear_loss_schedule` says when it applies."""
     check_pair_inputs(config, num_sequences // 2, ref_chosen_logps, ref_rejected_logps, lengths, hidden.device)
     loss, seq = TritonOnePassLinearDPO.apply(
         hidden, weight, bias, labels, segment_ids, num_sequences, ignore_index, config, ref_chosen_logps,
