@@ -75,11 +75,15 @@ def setup():
     return demo_setup(DemoSettings(**QUICK), log=lambda *_: None)
 
 
-def naive_logps(model, prompt, completion) -> torch.Tensor:
+def naive_token_logps(model, prompt, completion) -> torch.Tensor:
     ids = torch.tensor([list(prompt) + list(completion)])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
-    return logits.log_softmax(-1).gather(-1, torch.tensor(list(completion))[:, None]).sum()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(list(completion))[:, None]).squeeze(-1)
+
+
+def naive_logps(model, prompt, completion) -> torch.Tensor:
+    return naive_token_logps(model, prompt, completion).sum()
 
 
 def test_metrics_of_the_reference_itself_are_zero(setup):
@@ -109,14 +113,38 @@ def test_metrics_match_float64_forwards(setup, kl_samples):
     completions = generate_completions(policy, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                        n=1, do_sample=kl_samples == "sampled", max_new_tokens=8, batch_size=32,
                                        seed=3)
-    log_ratio = sum(naive_logps(policy, p, c[0]) - naive_logps(setup.model, p, c[0]) for p, c in zip(prompts,
-                                                                                                   completions))
-    tokens = sum(len(c[0]) for c in completions)
+    # KL per token by r - 1 - log r, r = pi_ref(y_t) / pi(y_t), over every generated token.
+    log_r = torch.cat([naive_token_logps(setup.model, p, c[0]) - naive_token_logps(policy, p, c[0])
+                       for p, c in zip(prompts, completions)])
+    kl = (log_r.exp() - 1 - log_r).mean()
     expected = torch.tensor([float((chosen > rejected).double().mean()), float(beta * (chosen - rejected).mean()),
-                             float(log_ratio / tokens), float(chosen.mean())], dtype=torch.float64)
+                             float(kl), float(chosen.mean())], dtype=torch.float64)
     actual = torch.tensor([got[k] for k in ("reward_accuracy", "margin", "kl", "chosen_drift")], dtype=torch.float64)
     assert_close(actual, expected, torch.float32, f"held-out metrics ({kl_samples})")
-    assert got["chosen_drift"] != 0.0 and got["kl"] != 0.0
+    assert got["chosen_drift"] != 0.0 and got["kl"] > 0.0
+
+
+def test_kl_is_never_negative_where_the_mean_log_ratio_is(setup):
+    """On a few sampled completions the plain mean of log pi - log pi_ref can be negative; r - 1 - log r cannot."""
+    tok, pairs = setup.tokenizer, setup.eval_pairs[:3]
+    prompts = list(dict.fromkeys(p.prompt_ids for p in pairs))
+    policy = copy.deepcopy(setup.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    for seed in range(40):
+        completions = generate_completions(policy, prompts, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id, n=1, do_sample=True, max_new_tokens=4,
+                                           batch_size=32, seed=seed)
+        mean_log_ratio = sum(naive_logps(policy, p, c[0]) - naive_logps(setup.model, p, c[0])
+                             for p, c in zip(prompts, completions)) / sum(len(c[0]) for c in completions)
+        if mean_log_ratio < 0:
+            break
+    assert mean_log_ratio < 0, "no seed gave a negative mean log-ratio: the test shows nothing"
+    got = heldout_metrics(policy, setup.model, pairs, beta=0.1, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, kl_samples="sampled", max_new_tokens=4, seed=seed)
+    assert got["kl"] > 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
