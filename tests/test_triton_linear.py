@@ -277,6 +277,48 @@ def test_torch_compile_traces_without_graph_break(monkeypatch):
         torch.testing.assert_close(c.grad, e.grad, rtol=1e-5, atol=1e-6)
 
 
+_COMPILED_MODE_TRACE = r"""
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from dpo_fast.ops import schedule, triton_linear
+assert triton_linear._COMPILED, "kernels were interpreted"
+schedule.LOGITS_BUDGET_BYTES = 8 * 300 * 2  # 8-token chunks: the loop and the concatenation are traced
+
+def step(h, w, b, y, g):
+    leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+    out = triton_linear.linear_token_logps(*leaves[:2], y, bias=leaves[2])
+    return (out, *torch.autograd.grad(out, leaves, g))
+
+for dtype in (torch.bfloat16, torch.float16):
+    args = (torch.randn(21, 32, dtype=dtype), torch.randn(300, 32, dtype=dtype), torch.randn(300, dtype=dtype),
+            torch.randint(0, 300, (21,)), torch.randn(21))
+    gm = make_fx(step, tracing_mode="fake")(*args)
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "dpo_fast.linear_token_logps_fwd.default" in ops and "dpo_fast.linear_token_logps_bwd.default" in ops, ops
+    out, dh, dw, db = (n.meta["val"] for n in gm.graph.find_nodes(op="output")[0].args[0])
+    assert out.dtype == torch.float32 and (dh.dtype, dw.dtype, db.dtype) == (dtype,) * 3, (out, dh, dw, db)
+    # Inside the ops: the decomposition Inductor sees (products, kernels) must trace with fake tensors too.
+    inner = make_fx(triton_linear._backward_impl, tracing_mode="fake")(
+        args[4], args[0], args[1], args[2], args[3], torch.randn(21), -100, True, True, True,
+        schedule.LOGITS_BUDGET_BYTES, 2 * 4 * 32 * 100)
+    kernels = [n for n in inner.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert kernels, [str(n.target) for n in inner.graph.nodes]
+print("traced")
+"""
+
+
+def test_compiled_mode_op_traces_with_fake_tensors():
+    """On CUDA the op is a triton_op, which torch.compile traces into (products, kernel launches, the chunk
+    loop): traced here with fake tensors in a child process without the interpreter, so no GPU is needed."""
+    import subprocess
+    import sys
+
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_MODE_TRACE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "traced" in proc.stdout, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- linear_dpo_loss, two-pass schedule
 
 
