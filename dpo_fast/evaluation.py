@@ -16,12 +16,17 @@ while the head-to-head part compares the k * (k - 1) / 2 model pairs from those 
 Statistics:
 - score_pairs: the reward accuracy's interval is Wilson's score interval; the mean margin's is a
   percentile bootstrap over pairs.
-- rank_models: percentile bootstrap over pairs for every quantity (accuracies, Bradley-Terry strengths),
-  one set of resamples shared by all models (a paired bootstrap: the models are compared on the same
-  resampled pairs).
+- rank_models: the accuracies' intervals are Wilson's too (the same as `score`'s, and honest at 0% and
+  100%, where a bootstrap of all-equal outcomes has zero width); the Bradley-Terry strengths' are a
+  percentile bootstrap over pairs, one set of resamples shared by all models (a paired bootstrap: the
+  models are compared on the same resampled pairs).
 - Bradley-Terry: P(a beats b) = sigmoid(theta_a - theta_b), fitted by Newton's method (logistic likelihood)
   to the per-pair head-to-head results, with one virtual tie between every two models (`prior=0.5` win each
   way) so that a model that wins or loses every comparison keeps a finite strength.
+  Under complete separation (a model beats another on every pair) the maximum-likelihood difference is
+  infinite: the fitted one is set by the prior (about log(2n + 1) for n pairs between two models), and
+  every resample is separated too, so its bootstrap interval is narrow or a point. Read such a strength
+  and interval as "at least this much stronger", not as a measured size; the table says when it happens.
 """
 
 from __future__ import annotations
@@ -506,7 +511,8 @@ class RankResult:
 
     win_rate[a, b]: fraction of pairs where model a's reward margin beats model b's (ties count 1/2).
     strengths: Bradley-Terry log-strengths fitted to those head-to-head results (mean 0).
-    Intervals: percentile bootstrap over pairs, `n_bootstrap` resamples shared by every model.
+    Intervals: accuracies, Wilson score intervals; strengths, percentile bootstrap over pairs with
+    `n_bootstrap` resamples shared by every model (see the module doc on complete separation).
     """
 
     names: list[str]
@@ -543,8 +549,12 @@ class RankResult:
             })
         return {
             "num_pairs": self.num_pairs, "beta": self.beta, "confidence": self.confidence,
-            "interval_method": f"percentile bootstrap over pairs, {self.n_bootstrap} resamples "
-                               f"(seed {self.seed}), shared by all models",
+            "interval_method": {
+                "accuracies": "Wilson score interval",
+                "bradley_terry_strength": f"percentile bootstrap over pairs, {self.n_bootstrap} resamples "
+                                          f"(seed {self.seed}), shared by all models",
+            },
+            "separated": [list(p) for p in self.separated_pairs()],
             "bradley_terry": f"Newton fit of P(a beats b) = sigmoid(theta_a - theta_b) to per-pair "
                              f"head-to-head results, {self.prior:g} virtual wins each way per model pair, "
                              "mean theta = 0",
@@ -554,6 +564,12 @@ class RankResult:
                          "definition": "row model's reward margin larger than column model's, "
                                        "ties count 1/2"},
         }
+
+    def separated_pairs(self) -> list[tuple[str, str]]:
+        """(winner, loser) for every two models where one's margin is larger on every pair."""
+        k = len(self.names)
+        return [(self.names[a], self.names[b]) for a in range(k) for b in range(k)
+                if a != b and float(self.win_rate[a, b]) == 1.0]
 
     def table(self) -> str:
         pct = f"{self.confidence:.0%}"
@@ -575,6 +591,14 @@ class RankResult:
                                            for b in range(k)])
         lines += ["", f"win rate (row beats column on a pair; {self.num_pairs} pairs):"]
         lines += _columns(grid, right=set(range(1, k + 1)))
+        lines += ["", f"intervals: accuracies Wilson; BT strengths percentile bootstrap over pairs "
+                      f"({self.n_bootstrap} resamples)"]
+        separated = self.separated_pairs()
+        if separated:
+            named = ", ".join(f"{a} > {b}" for a, b in separated)
+            lines.append(f"complete separation ({named}: every pair): those BT strength gaps are set by the "
+                         f"prior ({self.prior:g} virtual wins each way) and their intervals are narrow by "
+                         "construction; read them as lower bounds")
         return "\n".join(lines)
 
 
@@ -636,16 +660,17 @@ def rank_models(models: Sequence[tuple[str, Any, Any]], tokenizer, data: Any, *,
     reward_correct = (margins_t > 0).double()
     wins = win_indicators(margins_t)  # [k, k, n]
 
-    # Point estimates and bootstrap resamples of every per-pair quantity at once:
+    # Point estimates of every per-pair quantity at once:
     # rows [reward correct | likelihood correct | margin | wins], k, k, k and k * k of them.
     per_pair = torch.cat([reward_correct, torch.stack(likelihood_correct), margins_t, wins.reshape(k * k, n)])
     point = per_pair.mean(-1)
-    boot = bootstrap_means(per_pair, n_bootstrap=n_bootstrap, seed=seed)
+    # Only the head-to-head results are resampled: the accuracies' intervals are Wilson's.
+    boot = bootstrap_means(wins.reshape(k * k, n), n_bootstrap=n_bootstrap, seed=seed)
     win_rate = point[3 * k:].reshape(k, k)
     strengths = bradley_terry(win_rate * n, prior=prior)
-    boot_strengths = bradley_terry(boot[:, 3 * k:].reshape(-1, k, k) * n, prior=prior)
-    reward_ci = percentile_interval(boot[:, :k], confidence=confidence)
-    likelihood_ci = percentile_interval(boot[:, k:2 * k], confidence=confidence)
+    boot_strengths = bradley_terry(boot.reshape(-1, k, k) * n, prior=prior)
+    reward_ci = [wilson_interval(int(c.sum()), n, confidence=confidence) for c in reward_correct]
+    likelihood_ci = [wilson_interval(int(c.sum()), n, confidence=confidence) for c in likelihood_correct]
     strength_ci = percentile_interval(boot_strengths, confidence=confidence)
     order = sorted(range(k), key=lambda i: (-float(strengths[i]), -float(point[i]), i))
     return RankResult(
@@ -695,7 +720,7 @@ def rank_chart_png(result: RankResult) -> bytes:
     ax_acc.set_xticks(xs, result.names, rotation=20, ha="right")
     ax_acc.set_ylim(0, 1.05)
     ax_acc.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax_acc.set_title(f"accuracy on {result.num_pairs} pairs ({result.confidence:.0%} bootstrap CI)")
+    ax_acc.set_title(f"accuracy on {result.num_pairs} pairs ({result.confidence:.0%} Wilson CI)")
     ax_acc.legend(loc="best", fontsize=8)
     matrix = result.win_rate.double().clone()
     matrix.fill_diagonal_(float("nan"))

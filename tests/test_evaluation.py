@@ -333,6 +333,31 @@ def test_rank_models_counts_each_distinct_model_once(tokenizer, models, monkeypa
             assert lo - 1e-12 <= value <= hi + 1e-12, (value, lo, hi)  # float64 round-off of separate fits
     # "c" is "a" without its reference: same policy log-probs, so the same likelihood accuracy.
     assert result.likelihood_accuracy[0] == result.likelihood_accuracy[2]
+    # Accuracy intervals are Wilson's, as in `score`: "ref" against itself has accuracy 0 on every pair, and
+    # its interval still reaches above 0 (a bootstrap of all-equal outcomes would be [0, 0]).
+    n = result.num_pairs
+    for values, intervals in ((result.reward_accuracy, result.reward_accuracy_ci),
+                              (result.likelihood_accuracy, result.likelihood_accuracy_ci)):
+        for value, interval in zip(values, intervals):
+            assert interval == wilson_interval(round(value * n), n)
+    assert result.reward_accuracy[3] == 0.0 and result.reward_accuracy_ci[3].high > 0.0
+    assert "intervals: accuracies Wilson" in result.table()
+    assert result.to_dict()["interval_method"]["accuracies"] == "Wilson score interval"
+
+
+def test_rank_table_flags_complete_separation():
+    result = evaluation.RankResult(
+        names=["good", "bad"], reference_free=[False, False], num_pairs=40, beta=0.1, reward_accuracy=[1.0, 0.0],
+        reward_accuracy_ci=[wilson_interval(40, 40), wilson_interval(0, 40)], likelihood_accuracy=[1.0, 0.0],
+        likelihood_accuracy_ci=[wilson_interval(40, 40), wilson_interval(0, 40)], mean_margin=[1.0, -1.0],
+        win_rate=torch.tensor([[0.5, 1.0], [0.0, 0.5]]), strengths=[2.2, -2.2],
+        strength_ci=[evaluation.Interval(2.2, 2.2), evaluation.Interval(-2.2, -2.2)],
+        order=[0, 1], confidence=0.95, n_bootstrap=10, seed=0, prior=0.5, forward_passes=2)
+    assert result.separated_pairs() == [("good", "bad")]
+    assert "complete separation (good > bad: every pair)" in result.table()
+    # The Bradley-Terry gap under separation is the prior's: log((n + 0.5) / 0.5) for n pairs.
+    theta = bradley_terry(torch.tensor([[0.0, 40.0], [0.0, 0.0]], dtype=torch.float64))
+    assert float(theta[0] - theta[1]) == pytest.approx(math.log(81))
 
 
 @pytest.mark.gpu

@@ -1,8 +1,8 @@
 """`dpo-fast rank`: rank several models by their implicit DPO rewards on the same preference pairs.
 
-Prints a table (reward and likelihood accuracy with bootstrap intervals, mean margin, Bradley-Terry
-strength) and the head-to-head win-rate matrix, and writes rank.json and rank.png into --output-dir,
-atomically and only once everything is computed.
+Prints a table (reward and likelihood accuracy with Wilson intervals, as `score` does, mean margin,
+Bradley-Terry strength with a bootstrap interval) and the head-to-head win-rate matrix, and writes
+rank.json and rank.png into --output-dir, atomically and only once everything is computed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .score import (
 DESCRIPTION = (
     "Rank k models on the same preference pairs by their implicit DPO rewards: reward accuracy, "
     "likelihood accuracy, head-to-head win rates (a model beats another on a pair when its reward margin "
-    "is larger) and a Bradley-Terry ranking, with bootstrap intervals. Cost: scoring is k forward passes "
+    "is larger) and a Bradley-Terry ranking; Wilson intervals for the accuracies (as in `score`), "
+    "bootstrap intervals for the strengths. Cost: scoring is k forward passes "
     "over the data (one per model, plus one per distinct reference model; a shared reference is scored "
     "once), while the pairwise part grows as k^2 in comparisons (k(k-1)/2 model pairs per preference pair), "
     "computed from the stored scores without further forward passes."
