@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .packing import pack
@@ -176,23 +177,19 @@ def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
     width = max(sum(lengths[i] for i in r) for r in rows)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
-    def filled(value: int) -> torch.Tensor:
-        return torch.full((len(rows), width), value, dtype=torch.long)
-
-    input_ids, labels, position_ids = filled(pad_id), filled(IGNORE_INDEX), filled(0)
-    segment_ids, document_ids, roles = filled(-1), filled(-1), filled(ROLE_PAD)
+    # One int64 array per field, filled unit by unit: numpy converts lists of ints about 6x faster than
+    # torch.tensor: 4 prefix-shared pairs of ~1.5k tokens took 3.0 ms, now 0.5 ms (bench_layouts.py, table 2).
+    fields = np.empty((6, len(rows), width), dtype=np.int64)
+    for f, value in enumerate((pad_id, 0, IGNORE_INDEX, ROLE_PAD, -1, -1)):
+        fields[f] = value
     for r, row in enumerate(rows):
         t = 0
         for i in row:
-            tokens, positions, labs, rls, segs = units[i]
-            s = slice(t, t + len(tokens))
-            input_ids[r, s] = torch.tensor(tokens)
-            position_ids[r, s] = torch.tensor(positions)
-            labels[r, s] = torch.tensor(labs)
-            roles[r, s] = torch.tensor(rls)
-            segment_ids[r, s] = torch.tensor(segs)
-            document_ids[r, s] = unit_docs[i]
-            t += len(tokens)
+            unit = np.array(units[i], dtype=np.int64)  # tokens, positions, labels, roles, segments
+            fields[:5, r, t:t + unit.shape[1]] = unit
+            fields[5, r, t:t + unit.shape[1]] = unit_docs[i]
+            t += unit.shape[1]
+    input_ids, position_ids, labels, roles, segment_ids, document_ids = (torch.from_numpy(f) for f in fields)
     return Batch(input_ids=input_ids, labels=labels, position_ids=position_ids, segment_ids=segment_ids,
                  document_ids=document_ids, roles=roles, num_pairs=b, layout=layout,
                  pair_indices=tuple(p.index for p in pairs))
