@@ -35,7 +35,7 @@ import dpo_fast  # noqa: E402
 from dpo_fast import ops, reference  # noqa: E402
 from dpo_fast.functional import _finish, _FlatHidden  # noqa: E402
 from dpo_fast.losses import LossConfig  # noqa: E402
-from dpo_fast.ops import torch_one_pass  # noqa: E402
+from dpo_fast.ops import schedule, torch_one_pass  # noqa: E402
 
 IGNORE = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,8 +61,10 @@ def make_inputs(args, device: torch.device, dtype: torch.dtype) -> dict:
     labels = labels.to(device)
     ref_c = (torch.randn(args.pairs, generator=g) - 10.0 * (t - prompt)).to(device)
     ref_r = (torch.randn(args.pairs, generator=g) - 10.0 * (t - prompt)).to(device)
+    # The float16 row's copies of the same values (CUDA only: the triton rows).
+    half = tuple(t.half().requires_grad_() for t in (hidden, weight)) if device.type == "cuda" else None
     return dict(hidden=hidden.requires_grad_(), weight=weight.requires_grad_(), labels=labels, ref_c=ref_c,
-                ref_r=ref_r)
+                ref_r=ref_r, half=half)
 
 
 def _backward(loss: torch.Tensor, *leaves: torch.Tensor) -> None:
@@ -107,38 +109,52 @@ def linear_impls(inp: dict, device: torch.device, beta: float) -> dict[str, Call
         "torch one-pass, 2 buffers": one_pass(False),
     }
     if device.type == "cuda":
-        impls["triton"] = lambda: _backward(
-            dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
-        from dpo_fast.ops import triton_linear
-
-        for schedule in triton_linear.SCHEDULES:  # the "triton" row above runs the default one
-            if schedule != triton_linear.DEFAULT_SCHEDULE:
-                impls[f"triton, {schedule} backward"] = _triton_with(
-                    "triton_linear", "DEFAULT_SCHEDULE", schedule, h, w, y, rc, rr, beta)
-        impls["triton one-pass, pair chunks"] = _triton_with("triton_one_pass", "ENABLED", True, h, w, y, rc, rr, beta)
+        impls.update(triton_linear_impls(inp, beta))
     impls["liger LigerFusedLinearDPOLoss"] = _liger_linear(h, w, y, beta)
     impls["trl selective_log_softmax"] = _trl_linear(h, w, y, rc, rr, beta)
     impls["trl 1.16 chunked lm_head"] = _trl_chunked_linear(h, w, y, rc, rr, beta)
     return impls
 
 
-def _triton_with(module_name: str, setting: str, value, h, w, y, rc, rr, beta) -> Callable[[], None]:
-    """The public triton path with one module-level setting of `dpo_fast.ops.<module_name>` changed for
-    the call: the fused-linear backward (triton_linear.DEFAULT_SCHEDULE) or the opt-in cuBLAS pair-chunk
-    schedule (triton_one_pass.ENABLED)."""
-    import importlib
+def triton_linear_impls(inp: dict, beta: float) -> dict[str, Callable[[], None]]:
+    """The triton backend's rows: the public default (one-pass for this sigmoid batch), the two-pass schedule
+    on the same loss, a second pair-separable loss (bco_pair), a batch-coupled one (aot: two-pass), and
+    float16 (two-pass). `inp["half"]` holds the fp16 copies of hidden and weight."""
+    h, w, y, rc, rr = inp["hidden"], inp["weight"], inp["labels"], inp["ref_c"], inp["ref_r"]
+    h16, w16 = inp["half"]
+    v = w.shape[0]
 
-    module = importlib.import_module(f"dpo_fast.ops.{module_name}")
+    def public(loss_type: str, hidden, weight):
+        return lambda: _backward(dpo_fast.linear_dpo_loss(hidden, weight, y, rc, rr, beta=beta, loss_type=loss_type,
+                                                          backend="triton").loss, hidden, weight)
 
-    def run():
-        saved = getattr(module, setting)
-        setattr(module, setting, value)
-        try:
-            _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="triton").loss, h, w)
-        finally:
-            setattr(module, setting, saved)
+    def two_pass():
+        # functional.linear_dpo_loss's token-level path, taken on its own.
+        flat = _FlatHidden(h, y, None, IGNORE, v)
+        tok = ops.linear_token_logps(flat.values, w, flat.labels, bias=None, ignore_index=IGNORE, backend="triton")
+        _backward(_finish(LossConfig(beta=beta), flat, flat.sequence_sums(tok), rc, rr).loss, h, w)
 
-    return run
+    return {
+        "triton (linear_dpo_loss, default)": public("sigmoid", h, w),
+        "triton two-pass": two_pass,
+        "triton bco_pair (default)": public("bco_pair", h, w),
+        "triton aot (default)": public("aot", h, w),
+        "triton float16 (default)": public("sigmoid", h16, w16),
+    }
+
+
+def linear_schedule(name: str, inp: dict, beta: float) -> str | None:
+    """The schedule a linear row of dpo_fast runs (from `ops.linear_loss_schedule_for`, the function that
+    picks it), for its roofline; None for the other implementations."""
+    fixed = {"triton two-pass": schedule.TRITON_TWO_PASS, "torch recompute": schedule.TORCH_RECOMPUTE,
+             "torch one-pass, 1 buffer": schedule.TORCH_ONE_PASS, "torch one-pass, 2 buffers": schedule.TORCH_ONE_PASS}
+    backend = name.split(" ")[0]
+    if name in fixed or backend not in ("triton", "torch"):
+        return fixed.get(name)
+    h, w = inp["half"] if "float16" in name else (inp["hidden"], inp["weight"])
+    loss_type = next((t for t in ("bco_pair", "aot") if t in name), "sigmoid")
+    flat = _FlatHidden(h.detach(), inp["labels"], None, IGNORE, w.shape[0])
+    return ops.linear_loss_schedule_for(LossConfig(beta=beta, loss_type=loss_type), flat, w, None, backend=backend)
 
 
 def _trl_chunked_linear(h, w, y, rc, rr, beta) -> Callable[[], None]:
@@ -241,13 +257,39 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> dict:
             "matmul_size": n, "copy_gb_per_s": round(gbps, 1)}
 
 
-def roofline_ms(mode: str, args, rates: dict, elem_bytes: int) -> float:
+def roofline_ms(mode: str, args, rates: dict, elem_bytes: int, flops_per_nhv: int = 6,
+                matmul_tflops: float | None = None) -> float:
+    """linear: flops_per_nhv * N*H*V flops at the matmul rate (6 = forward logits, dhidden, dweight; 8 adds the
+    two-pass schedule's recomputed logits); fused: the logits read forward, read again and the gradient
+    written backward, at the copy rate."""
     n = 2 * args.pairs * args.seq_len
     if mode == "linear":
-        # Forward logits, dhidden, dweight: three N x H x V matmuls.
-        return 6 * n * args.hidden * args.vocab / (rates["matmul_tflops"] * 1e12) * 1e3
-    # Logits in: read once forward, read again and write the gradient backward.
+        tflops = rates["matmul_tflops"] if matmul_tflops is None else matmul_tflops
+        return flops_per_nhv * n * args.hidden * args.vocab / (tflops * 1e12) * 1e3
     return 3 * n * args.vocab * elem_bytes / (rates["copy_gb_per_s"] * 1e9) * 1e3
+
+
+def annotate_roofline(rec: common.Record, args, rates: dict, elem: int, inp: dict, input_grad_mb: float) -> None:
+    """Roofline, its ratio and the memory beyond the inputs' gradients, into rec.extra and its note."""
+    flops, tflops = 6, None
+    if rec.mode == "linear":
+        chosen = linear_schedule(rec.name, inp, args.beta)
+        flops = 8 if chosen in (schedule.TRITON_TWO_PASS, schedule.TORCH_RECOMPUTE) else 6
+        if "float16" in rec.name:
+            tflops = rates.get("matmul_tflops_float16")
+        if chosen is not None:
+            rec.extra["schedule"] = chosen
+    roof = roofline_ms(rec.mode, args, rates, elem, flops, tflops)
+    rec.extra["roofline_ms"] = round(roof, 2)
+    rec.extra["roofline_fraction"] = round(roof / rec.median_ms, 3)
+    what = f"{flops}NHV" if rec.mode == "linear" else "copy"
+    parts = [rec.extra.get("note", ""), f"x{rec.median_ms / roof:.2f} of the {what} roofline"]
+    if rec.mode == "fused":
+        parts.append(f"{100 * roof / rec.median_ms:.0f}% of copy bandwidth")
+    if rec.peak_extra_mb is not None:
+        rec.extra["beyond_input_grads_mb"] = round(rec.peak_extra_mb - input_grad_mb, 1)
+        parts.append(f"{rec.extra['beyond_input_grads_mb']} MB beyond the inputs' gradients")
+    rec.extra["note"] = ", ".join(p for p in parts if p)
 
 
 # --- driver --------------------------------------------------------------------------------------------
@@ -393,22 +435,26 @@ def main(argv=None) -> int:
     print(f"device={device} dtype={args.dtype} pairs={args.pairs} T={args.seq_len} tokens={n} H={args.hidden} "
           f"V={args.vocab}", flush=True)
     rates = measure_rates(device, dtype)
+    if device.type == "cuda" and dtype != torch.float16:
+        # The float16 row's roofline, at the float16 rate measured in the same run.
+        rates["matmul_tflops_float16"] = measure_rates(device, torch.float16)["matmul_tflops"]
     print(f"measured: {rates}", flush=True)
     inp = make_inputs(args, device, dtype)
     records: list[common.Record] = []
     if "linear" in args.modes:
         records += run_mode("linear", linear_impls(inp, device, args.beta), device, args,
-                            [inp["hidden"], inp["weight"]])
+                            [inp["hidden"], inp["weight"], *(inp["half"] or ())])
     if "fused" in args.modes:
         with torch.no_grad():
             logits = (inp["hidden"] @ inp["weight"].T).requires_grad_()
         records += run_mode("fused", fused_impls(logits, inp, device, args.beta), device, args, [logits])
         del logits
     roofline = {mode: round(roofline_ms(mode, args, rates, elem), 2) for mode in args.modes}
+    # Gradients of the inputs (both stay in their dtype): what any implementation must allocate.
+    grads_mb = {"linear": (n + args.vocab) * args.hidden * elem / common.MB, "fused": n * args.vocab * elem / common.MB}
     for rec in records:
         if rec.median_ms:
-            rec.extra["roofline_ms"] = roofline[rec.mode]
-            rec.extra["roofline_fraction"] = round(roofline[rec.mode] / rec.median_ms, 3)
+            annotate_roofline(rec, args, rates, elem, inp, grads_mb[rec.mode])
     config = dict(pairs=args.pairs, seq_len=args.seq_len, tokens=n, hidden=args.hidden, vocab=args.vocab,
                   dtype=args.dtype, prompt_frac=args.prompt_frac, beta=args.beta, loss_type="sigmoid",
                   repeats=args.repeats, warmup=args.warmup)
@@ -419,8 +465,12 @@ def main(argv=None) -> int:
         "time vs naive: ratio of the wall-time medians; the JSON also has paired_time_vs_naive (median of the "
         "per-repeat ratios) and cpu_time_vs_naive (ratio of the CPU-time medians).",
         "peak extra MB: peak allocation during one forward + backward beyond the inputs (gradients included).",
-        f"roofline: linear = 6*N*H*V flops at the measured matmul rate, fused = 3*N*V*{elem} bytes at the "
-        "measured copy bandwidth; roofline_fraction (in the JSON) = roofline / median.",
+        f"roofline: linear = 6*N*H*V flops at the measured matmul rate (8*N*H*V for the rows whose schedule is "
+        f"the two-pass or recompute one; the float16 row at the float16 rate), fused = 3*N*V*{elem} bytes at "
+        "the measured copy bandwidth (its ratio is the share of copy bandwidth reached); the note gives median / "
+        "roofline, roofline_fraction (in the JSON) its inverse.",
+        "beyond the inputs' gradients: peak extra MB minus the gradients of hidden and weight (linear) or of the "
+        "logits (fused), in the input dtype.",
         "naive = dpo_fast.reference with dtype=None (full logits and log_softmax in the input dtype).",
     ]
     json_path, md_path = common.write_results("loss", device, config, records,
