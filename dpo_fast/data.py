@@ -47,7 +47,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,11 +506,11 @@ def _open_folder(path: Path, split: str) -> tuple[str, list[str] | None, Iterabl
 def _read_file(path: Path, split: str) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_json_lines(path)
+        return _utf8_text(path, lambda: _read_json_lines(path))
     if suffix == ".json":
-        return _read_json(path, split)
+        return _utf8_text(path, lambda: _read_json(path, split))
     if suffix == ".csv":
-        return _read_csv(path)
+        return _utf8_text(path, lambda: _read_csv(path))
     if suffix == ".parquet":
         return _read_parquet(path)
     if suffix == ".arrow":
@@ -518,8 +518,30 @@ def _read_file(path: Path, split: str) -> Iterator[Any]:
     raise ValueError(f"{str(path)!r}: unsupported file type {suffix!r}; expected one of {', '.join(FILE_EXTENSIONS)}")
 
 
+# Text files are read as UTF-8; "utf-8-sig" also drops the byte-order mark some editors write first (it
+# would otherwise make row 0 invalid JSON, or rename the first CSV column).
+_TEXT_ENCODING = "utf-8-sig"
+
+
+def _utf8_text(path: Path, read: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    """The rows `read()` gives from a text file; a file that is not UTF-8 is an error naming it and its
+    first undecodable line."""
+    try:
+        yield from read()
+    except UnicodeDecodeError as e:
+        data = path.read_bytes()
+        newline = b"\n"
+        try:
+            data.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as first:
+            where = f" line {data.count(newline, 0, first.start) + 1}"
+        raise ValueError(f"{str(path)!r}{where} is not UTF-8 text ({e.reason}); convert it, e.g. "
+                         f"`iconv -f latin1 -t utf-8`") from None
+
+
 def _read_json_lines(path: Path) -> Iterator[Any]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=_TEXT_ENCODING) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -530,7 +552,7 @@ def _read_json_lines(path: Path) -> Iterator[Any]:
 
 
 def _read_json(path: Path, split: str) -> Iterator[Any]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=_TEXT_ENCODING) as f:
         text = f.read()
     try:
         data = json.loads(text)
@@ -551,7 +573,7 @@ def _read_json(path: Path, split: str) -> Iterator[Any]:
 def _read_csv(path: Path) -> Iterator[Any]:
     # An empty cell reads as a missing field. CSV has no nesting, so conversational exports write each
     # message list as text: JSON, or the Python repr pandas' to_csv gives; such a cell becomes the list.
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=_TEXT_ENCODING, newline="") as f:
         for row in csv.DictReader(f):
             yield {key: _csv_cell(value) for key, value in row.items() if key is not None}
 

@@ -374,3 +374,35 @@ def test_conversational_csv_with_message_lists_in_cells(tmp_path, encode):
     assert csv_report.format == jsonl_report.format == "conversational"
     assert from_csv.to_list() == from_jsonl.to_list()
     assert dict(csv_report.skipped) == dict(jsonl_report.skipped)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf8_byte_order_mark_costs_no_row(tmp_path, suffix):
+    rows = [{"prompt": f"q{i} é", "chosen": "good", "rejected": "bad"} for i in range(3)]
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    elif suffix == ".json":
+        text = json.dumps(rows)
+    else:
+        text = "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    dataset, report = load_preferences_with_report(str(path))
+    assert report.num_skipped == 0 and dataset["prompt"] == [r["prompt"] for r in rows]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_latin1_file_is_an_error_naming_the_file_and_line(tmp_path, suffix):
+    lines = ['{"prompt": "q", "chosen": "a", "rejected": "b"}',
+             '{"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}']
+    if suffix == ".json":
+        text = "[" + ",\n".join(lines) + "]"
+    elif suffix == ".csv":
+        text = "prompt,chosen,rejected\nq,a,b\ncaf\u00e9,a,b\n"
+    else:
+        text = "\n".join(lines) + "\n"
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(text.encode("latin-1"))
+    line = 3 if suffix == ".csv" else 2
+    with pytest.raises(ValueError, match=rf"latin1{suffix}' line {line} is not UTF-8 text"):
+        load_preferences(str(path))
