@@ -89,14 +89,15 @@ def _check_against_reference(logits, labels, g, block_v=None):
     assert_within("dlogits", x.grad, ref_grad, _grad_tol(dtype, ref_grad, labels, g))
 
 
-# (N, V, block_v): block_v=None is the production rule (one tile up to 4096 columns, else ragged tiles);
+# (N, V, block_v): block_v=None is the production rule (16 KB tiles: 8192 columns of bf16/fp16, 4096 of
+# float32, the last one ragged);
 # a small block_v runs the multi-tile online log-sum-exp with a ragged last tile on a small vocabulary.
 SHAPES = [
     (1, 123, None),
     (47, 123, 32),  # 3 full tiles + 27
     (130, 1000, None),
     (47, 1000, 256),  # 3 full tiles + 232
-    (3, 32003, None),  # 7 full 4096 tiles + 3331
+    (3, 32003, None),  # 3 full 8192 tiles + 7427 (16-bit), 7 full 4096 tiles + 3331 (float32)
 ]
 
 
