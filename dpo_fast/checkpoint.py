@@ -123,15 +123,27 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain numbers, so that it loads with torch.load(weights_only=True)
+    (a pickled numpy array would need weights_only=False, which lets a checkpoint from elsewhere run code)."""
+    version, python_keys, gauss = random.getstate()
+    name, numpy_keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "keys": torch.tensor(python_keys, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(numpy_keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["keys"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["position"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -617,7 +629,12 @@ def load_rng_state(checkpoint_dir: str, rank: int) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{checkpoint_dir!r} has no {os.path.basename(path)}: it was written by fewer ranks "
                                 "than this run has; resume with the same number of processes")
-    set_rng_state(torch.load(path, weights_only=False))
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and kin: the file holds more than tensors and numbers
+        raise CheckpointError(f"{path!r} does not load with weights_only=True (written by an older version, or not "
+                              f"by dpo_fast): {str(e).splitlines()[0]}") from None
+    set_rng_state(state)
 
 
 def load_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:

@@ -239,3 +239,25 @@ def test_stop_request_turns_sigterm_into_a_flag_and_restores_the_handler():
         assert stop.signal_name == "SIGINT"
         os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C interrupts at once
     assert "--resume-from-checkpoint latest" in ckpt.stop_message("SIGTERM", 7, "out/checkpoint-7")
+
+
+def test_rng_states_round_trip_through_weights_only_loading(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    np.random.standard_normal()  # a cached gaussian is part of numpy's state
+    path = save(tmp_path, 1)
+    want = (random.random(), float(np.random.standard_normal()), np.random.rand(), torch.rand(3))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    ckpt.load_rng_state(path, 0)  # loads with weights_only=True
+    got = (random.random(), float(np.random.standard_normal()), np.random.rand(), torch.rand(3))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+    torch.save({"numpy": np.zeros(3)}, os.path.join(path, "rng_state_0.pt"))  # an older version's pickle
+    with pytest.raises(ckpt.CheckpointError, match="does not load with weights_only=True"):
+        ckpt.load_rng_state(path, 0)
