@@ -227,6 +227,19 @@ def _load_pairs(flag: str, name: str, args: argparse.Namespace, tokenizer, confi
     return pairs, summarize_data(pairs, stats, max_length=config.max_length, load_report=report)
 
 
+def _refuse_another_run(config: DPOConfig, train_pairs) -> None:
+    """Before any weight is read: CheckpointError when the checkpoint to resume was written by a run with other
+    settings or data (the trainer compares again, and warns about the settings it accepts)."""
+    from . import checkpoint as ckpt
+    from .trainer import pairs_fingerprint
+
+    path = config.resume_from_checkpoint
+    current = ckpt.run_settings(config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                                num_train_pairs=len(train_pairs), data_fingerprint=pairs_fingerprint(train_pairs))
+    current["layout"] = None  # the trainer may change it (flash attention -> padded): it compares the one in use
+    ckpt.check_resume(path, ckpt.read_trainer_state(path), current)
+
+
 def _done_line(trainer, config: DPOConfig, metrics: dict) -> str:
     """The last line of a run: which loss is which, every other metric, where the model went."""
     step = trainer.global_step
@@ -240,6 +253,8 @@ def _done_line(trainer, config: DPOConfig, metrics: dict) -> str:
     parts += [f"{k}={v:.4g}" for k, v in metrics.items()
               if isinstance(v, float) and k not in ("loss", "last_step_loss")]
     final = os.path.join(config.output_dir, "final")
+    if not parts:
+        parts = ["no step left to run"]
     return f"done: {step} steps; {'; '.join(parts)}; model and tokenizer saved in {final}"
 
 
@@ -260,9 +275,11 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         eval_pairs = None
         if args.eval_data is not None:
             eval_pairs, _ = _load_pairs("--eval-data", args.eval_data, args, tokenizer, config, "train")
+        if config.resume_from_checkpoint:
+            _refuse_another_run(config, train_pairs)
         model = _load_model("--model", args.model, args)
         ref_model = None if ref_name is None else _load_model("--ref-model", ref_name, args)
-    except CommandError as e:
+    except (CommandError, ckpt.CheckpointError) as e:
         parser.error(str(e))
     try:
         trainer = DPOTrainer(model, tokenizer, train_pairs, config=config, ref_model=ref_model, eval_data=eval_pairs)

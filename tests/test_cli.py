@@ -243,3 +243,28 @@ def test_every_subcommand_has_help(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: dpo-fast {command}") and "--" in out
+
+
+def test_resuming_with_another_batch_size_or_data_is_refused_before_loading(tmp_path, capsys, monkeypatch, model_dir,
+                                                                           data_file):
+    out = str(tmp_path / "run")
+    common = ["train", "--model", model_dir, "--output-dir", out, "--max-length", "48", "--no-report-to-tensorboard",
+              "--dtype", "float32", "--logging-steps", "1"]
+    assert cli.main(common + ["--data", data_file, "--max-steps", "1", "--save-steps", "1",
+                              "--per-device-train-batch-size", "3"]) == 0
+    capsys.readouterr()
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("the command loaded a model for a resume it must refuse")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    resume = common + ["--resume-from-checkpoint", "latest", "--max-steps", "2"]
+    err = run_cli_error(resume + ["--data", data_file, "--per-device-train-batch-size", "2"], capsys)
+    err = err[err.index("dpo-fast train: error:"):]  # after the data summary
+    assert err.startswith("dpo-fast train: error: cannot resume from ") and "checkpoint-1" in err
+    assert "--per-device-train-batch-size: checkpoint 3, now 2" in err and "global_batch: checkpoint 3, now 2" in err
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(open(data_file).readlines()[:5]))
+    err = run_cli_error(resume + ["--data", str(other), "--per-device-train-batch-size", "3"], capsys)
+    assert "num_train_pairs: checkpoint 6, now 5" in err

@@ -19,6 +19,8 @@ from typing import NamedTuple
 # Seconds one Hub lookup may take before the command says the Hub cannot be reached.
 HUB_TIMEOUT_S = 10.0
 _TRUE = ("1", "on", "yes", "true")
+# A directory with one of these holds a tokenizer `AutoTokenizer` can load.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class CommandError(Exception):
@@ -26,8 +28,10 @@ class CommandError(Exception):
 
 
 def error_text(prog: str, message: str) -> str:
-    """The two lines every command prints for a mistake (argparse's words, without the usage block)."""
-    return f"{prog}: error: {message}\nSee '{prog} --help' for the options.\n"
+    """The two lines every command prints for a mistake (argparse's words, without the usage block); a
+    message of several lines (a YAML or library error) is joined into one."""
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return f"{prog}: error: {one_line}\nSee '{prog} --help' for the options.\n"
 
 
 class ModelSource(NamedTuple):
@@ -119,11 +123,14 @@ def load_tokenizer(flag: str, name: str):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(flag, name, probe_file="tokenizer_config.json")
+    if source.local_files_only and os.path.isdir(source.path) and not any(
+            os.path.isfile(os.path.join(source.path, f)) for f in TOKENIZER_FILES):
+        raise CommandError(f"{flag} {name!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): pass --tokenizer "
+                           "(checkpoints written by older versions have none)")
     try:
         return AutoTokenizer.from_pretrained(source.path, local_files_only=source.local_files_only)
     except (OSError, ValueError) as e:
-        raise CommandError(f"{flag} {name!r}: no tokenizer could be loaded from it ({e}); checkpoints written by "
-                           "older versions have none: pass --tokenizer") from None
+        raise CommandError(f"{flag} {name!r}: no tokenizer could be loaded from it ({e})") from None
 
 
 def load_causal_lm(flag: str, name: str, **kwargs):
