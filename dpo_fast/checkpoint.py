@@ -308,16 +308,16 @@ def check_writable_dir(path: str) -> None:
         raise CheckpointWriteError(e.errno, f"output_dir {path!r} is not writable: {e.strerror or e}") from None
 
 
-def _write_failure(output_dir: str, step: int, error: BaseException) -> CheckpointWriteError:
+def _write_failure(what: str, directory: str, error: BaseException, consequence: str) -> CheckpointWriteError:
+    """One line naming what could not be written, where, and the OS error."""
     code = getattr(error, "errno", None)
     if code is None:
         # torch.save reports a full disk as a RuntimeError ("... iostream error"): look at the disk.
         with contextlib.suppress(OSError):
-            if shutil.disk_usage(output_dir).free < (1 << 20):
+            if shutil.disk_usage(directory).free < (1 << 20):
                 code = errno.ENOSPC
     reason = os.strerror(code).lower() if code else str(error)
-    return CheckpointWriteError(code or errno.EIO, f"could not write checkpoint-{step} in {output_dir!r}: {reason}; "
-                                "the previous checkpoints are kept")
+    return CheckpointWriteError(code or errno.EIO, f"could not write {what}: {reason}; {consequence}")
 
 
 @contextlib.contextmanager
@@ -327,7 +327,8 @@ def _cleanup_on_failure(tmp: str, output_dir: str, step: int):
         yield
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failure(output_dir, step, e) from e
+        raise _write_failure(f"checkpoint-{step} in {output_dir!r}", output_dir, e,
+                             "the previous checkpoints are kept") from e
 
 
 def save_checkpoint(
@@ -394,6 +395,34 @@ def save_checkpoint(
                 shutil.rmtree(path, ignore_errors=True)
     barrier()
     return final
+
+
+def write_directory(path: str, write: Callable[[str], None], *, tokenizer: Any = None) -> str:
+    """Write a model directory (the final export) whole or not at all: `write(tmp)` fills a temporary
+    directory beside `path` (plus the tokenizer, when given), which is fsynced and then replaces `path`. A
+    failed write removes the temporary directory and raises CheckpointWriteError naming the path and the
+    OS error; `path` keeps its previous contents until the replacement is complete."""
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = path.rstrip(os.sep) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        save_tokenizer(tokenizer, tmp)
+        fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failure(repr(path), parent, e, "its previous contents are kept") from e
+    if os.path.exists(path):
+        old = path.rstrip(os.sep) + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+    _fsync_path(parent)
+    return path
 
 
 def save_tokenizer(tokenizer: Any, directory: str) -> None:

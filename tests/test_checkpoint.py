@@ -261,3 +261,20 @@ def test_rng_states_round_trip_through_weights_only_loading(tmp_path):
     torch.save({"numpy": np.zeros(3)}, os.path.join(path, "rng_state_0.pt"))  # an older version's pickle
     with pytest.raises(ckpt.CheckpointError, match="does not load with weights_only=True"):
         ckpt.load_rng_state(path, 0)
+
+
+def test_write_directory_replaces_whole_or_not_at_all(tmp_path):
+    final = str(tmp_path / "final")
+    ckpt.write_directory(final, lambda d: open(os.path.join(d, "a.txt"), "w").write("one"),
+                         tokenizer=make_tokenizer())
+    assert open(os.path.join(final, "a.txt")).read() == "one"
+    assert os.path.isfile(os.path.join(final, "tokenizer_config.json"))
+
+    def full_disk(d):
+        open(os.path.join(d, "a.txt"), "w").write("two")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"final.: no space left on device; its previous contents"):
+        ckpt.write_directory(final, full_disk)
+    assert sorted(os.listdir(tmp_path)) == ["final"]  # no temporary directory left holding the space
+    assert open(os.path.join(final, "a.txt")).read() == "one"
