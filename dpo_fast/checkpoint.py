@@ -379,17 +379,7 @@ def save_checkpoint(
                 json.dump(state, f, indent=2, sort_keys=True)
             write_manifest(tmp)
             fsync_tree(tmp)
-        if os.path.exists(final):
-            # Re-saving the same step (a resumed run): move the old one aside first, so that at every
-            # moment one complete copy exists under a name resume would find or could be recovered from.
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(output_dir)
+        _replace_directory(tmp, final)
         if save_total_limit:
             for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(path, ignore_errors=True)
@@ -413,16 +403,24 @@ def write_directory(path: str, write: Callable[[str], None], *, tokenizer: Any =
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failure(repr(path), parent, e, "its previous contents are kept") from e
-    if os.path.exists(path):
-        old = path.rstrip(os.sep) + ".old"
+    _replace_directory(tmp, path)
+    return path
+
+
+def _replace_directory(tmp: str, final: str) -> None:
+    """Rename the complete directory `tmp` to `final`. An existing `final` (a step saved again by a resumed
+    run, a new final export) is moved aside first, so that at every moment one complete copy exists under a
+    name resume would find or that can be recovered from."""
+    final = final.rstrip(os.sep)
+    if os.path.exists(final):
+        old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-        os.rename(tmp, path)
+        os.rename(final, old)
+        os.rename(tmp, final)
         shutil.rmtree(old)
     else:
-        os.rename(tmp, path)
-    _fsync_path(parent)
-    return path
+        os.rename(tmp, final)
+    _fsync_path(os.path.dirname(os.path.abspath(final)))
 
 
 def save_tokenizer(tokenizer: Any, directory: str) -> None:
