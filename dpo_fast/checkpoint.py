@@ -381,7 +381,8 @@ def save_checkpoint(
             fsync_tree(tmp)
         _replace_directory(tmp, final)
         if save_total_limit:
-            for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
+            # The oldest go, in the order `latest` uses: an abandoned run's checkpoints before the current run's.
+            for path in checkpoints_newest_first(output_dir)[save_total_limit:]:
                 shutil.rmtree(path, ignore_errors=True)
     barrier()
     return final

@@ -278,3 +278,17 @@ def test_write_directory_replaces_whole_or_not_at_all(tmp_path):
         ckpt.write_directory(final, full_disk)
     assert sorted(os.listdir(tmp_path)) == ["final"]  # no temporary directory left holding the space
     assert open(os.path.join(final, "a.txt")).read() == "one"
+
+
+def test_save_total_limit_never_removes_the_checkpoint_just_written(tmp_path):
+    first = ckpt.start_lineage(str(tmp_path))
+    for step in (1, 2, 3):
+        save(tmp_path, step, lineage=first)
+    second = ckpt.start_lineage(str(tmp_path), resumed_from=str(tmp_path / "checkpoint-1"))
+    ckpt.save_checkpoint(str(tmp_path), 2, save_model=lambda d: save_file({"w": torch.ones(2)},
+                                                                          os.path.join(d, "model.safetensors")),
+                         optimizer_state={}, scheduler_state={}, trainer_state={"lineage": second},
+                         save_total_limit=1)
+    # By step, checkpoint-3 of the abandoned run would be kept and the checkpoint just written removed.
+    assert [os.path.basename(p) for p in ckpt.checkpoints_newest_first(str(tmp_path))] == ["checkpoint-2"]
+    assert ckpt.read_trainer_state(str(tmp_path / "checkpoint-2"))["lineage"]["run_id"] == second["run_id"]
