@@ -6,11 +6,16 @@ of logits that cuBLAS just wrote in the linear schedules), so they are built for
 - One program per token row, looping over the vocabulary in BLOCK_V tiles. At the benchmark shape
   (16384 rows) that is dozens of waves of programs, so a persistent grid would only save block
   launches (microseconds); rows of a 32k-256k vocabulary are long enough to fill a program alone.
-- One read per pass. The forward keeps a running max (one cross-warp reduction per tile) and a
-  per-lane running sum of exponentials, reduced once at the end: the old scalar sum cost a second
-  reduction, and a second barrier, per tile. One exp per element either way.
-- The next tile is loaded before the current one is reduced (manual double buffering): a program then
-  has two tiles of loads in flight while it waits on a reduction, instead of one.
+- One read per pass: an online log-sum-exp (running max and sum, one exp per element) in the forward,
+  a pure read-exp-write stream in the backward.
+- The next tile is loaded before the current one is reduced (manual double buffering): while a program
+  waits on a tile's reductions, the next tile's loads are already in flight.
+- Bytes in flight per SM are what a memory-bound kernel lives on, and registers bound them. ptxas for
+  sm_90 (offline, Triton 3.9) at the 16 KB tile over 8 warps: 64 registers per thread in both kernels
+  for bf16/fp16 (56 for fp32), so 4 programs (32 warps) fit on an SM with a 16 KB tile each, 64 KB of
+  loads in flight before the prefetch. Keeping the sum of exponentials per lane instead (one cross-warp
+  reduction per tile instead of two) took 107 registers in the forward: 2 programs per SM, half the
+  bytes in flight, so the forward keeps both reductions and lets the other programs cover the barriers.
 - Streaming loads are `evict_first`: a row is read once per pass and the buffer (hundreds of MB) is far
   larger than L2, so keeping it there would only evict the small vectors.
 - The launcher (`dpo_fast/ops/triton_logps.py`) picks BLOCK_V and num_warps so each thread holds four
@@ -53,24 +58,24 @@ def _token_logps_fwd(
     cols = tl.arange(0, BLOCK_V)
 
     # The first tile is peeled so the running max starts finite (no -inf - -inf = NaN on the rescale)
-    # and the loop-carried values start with their types (a float32 scalar max, float32 lane sums).
+    # and both loop-carried values start as float32 scalars.
     x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
     nxt = tl.load(row_ptr + BLOCK_V + cols, mask=BLOCK_V + cols < V, other=float("-inf"),
                   eviction_policy="evict_first")
     x = x.to(tl.float32)
     m = tl.max(x, axis=0)
-    s = tl.exp(x - m)  # per-lane partial sums of exp(x - m)
+    s = tl.sum(tl.exp(x - m), axis=0)
     for start in range(BLOCK_V, V, BLOCK_V):
         x = nxt.to(tl.float32)
-        # Issued before this tile's reduction: its latency overlaps the barrier below. Past V it is
-        # fully masked and moves no bytes.
+        # Issued before this tile's reductions: its latency overlaps their barriers. Past V it is fully
+        # masked and moves no bytes.
         offs = start + BLOCK_V + cols
         nxt = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"), eviction_policy="evict_first")
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # The lanes' sums are rescaled by one scalar exp per tile, not one per element.
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        # One exp per element: the old sum is rescaled once per tile, not per element.
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(tl.sum(s, axis=0))
+    lse = m + tl.log(s)
 
     # An out-of-range label is never read (it would be out of bounds): its log-prob is NaN, which
     # poisons the loss visibly instead of silently scoring a wrong token.
