@@ -5,9 +5,10 @@
 `torch_logps.TorchLinearTokenLogps`, with the [N, V] logits existing one chunk of tokens at a time.
 
 The schedule of `linear_dpo_loss` on CUDA wherever the one-pass schedule (`triton_one_pass`) does not
-apply (see `schedule.py`): batch-coupled losses (bco_pair, nca_pair, sppo_hard, aot, aot_unpaired,
-apo_zero, apo_down), float16, a bias in another dtype than the head, a pair whose logits exceed the
-budget; and the reference model's log-probs under no_grad. Tokens are cut into chunks whose logits fit in
+apply (see `schedule.py`): the batch-coupled losses (aot, aot_unpaired: a pair's coefficient depends on
+the whole batch's ranks), float16, a bias in another dtype than the head, a pair whose logits exceed the
+budget; and every caller of token or sequence log-probs without the loss (`linear_sequence_logps`, the
+TRL/HF drop-ins, the reference model's pass under no_grad). Tokens are cut into chunks whose logits fit in
 `schedule.LOGITS_BUDGET_BYTES`, so any length runs, in bounded memory.
 
 - forward, per chunk: logits = h W^T (+ b) by cuBLAS, in the input dtype (what the model's lm_head
