@@ -296,6 +296,9 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 128 + e.signum
     if trainer.rank == 0:
+        # The run's divergence warnings (a list in the returned metrics) are repeated at the end.
+        for warning in metrics.get("warnings") or []:
+            print(f"warning: {warning}", file=sys.stderr)
         print(_done_line(trainer, config, metrics))
     return 0
 

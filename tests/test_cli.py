@@ -268,3 +268,11 @@ def test_resuming_with_another_batch_size_or_data_is_refused_before_loading(tmp_
     other.write_text("".join(open(data_file).readlines()[:5]))
     err = run_cli_error(resume + ["--data", str(other), "--per-device-train-batch-size", "3"], capsys)
     assert "num_train_pairs: checkpoint 6, now 5" in err
+
+
+def test_done_line_says_which_loss_is_which():
+    trainer = types.SimpleNamespace(global_step=7)
+    config = DPOConfig(logging_steps=5, output_dir="out")
+    line = cli._done_line(trainer, config, {"loss": 0.5, "last_step_loss": 0.25, "rewards/accuracies": 0.75})
+    assert line == ("done: 7 steps; loss 0.5 (mean over steps 6-7); last step's loss 0.25; "
+                    f"rewards/accuracies=0.75; model and tokenizer saved in {os.path.join('out', 'final')}")
