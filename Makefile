@@ -16,7 +16,7 @@ export TRITON_INTERPRET ?= 1
 endif
 
 PROFILE    ?= long
-STEPS      ?= 8
+STEPS      ?= 12
 
 .PHONY: env test lint demo bench bench-loss bench-pack bench-layouts bench-e2e gpu-check clean
 
@@ -50,9 +50,10 @@ bench-pack: $(STAMP)
 bench-layouts: $(STAMP)
 	$(PY) benchmarks/bench_layouts.py
 
-# End-to-end training throughput against TRL: `make bench-e2e PROFILE=short STEPS=8`.
+# End-to-end training throughput against TRL (gradient checkpointing on for every contender; pass
+# E2E_ARGS=--no-gradient-checkpointing for the other table): `make bench-e2e PROFILE=short STEPS=12`.
 bench-e2e: $(STAMP)
-	$(PY) benchmarks/bench_e2e.py --profile $(PROFILE) --steps $(STEPS)
+	$(PY) benchmarks/bench_e2e.py --profile $(PROFILE) --steps $(STEPS) $(E2E_ARGS)
 
 # On a CUDA machine: GPU tests and the GPU benchmark tables, under 8 minutes (results also under $OUT).
 gpu-check: $(STAMP)

@@ -3,35 +3,50 @@
 Contenders (the JSON keys):
 
 - ``trl``: trl.DPOTrainer as shipped (padded batches, its chunked fused lm_head, a reference model).
+- ``trl+liger``: the same with ``use_liger_kernel=True`` (Liger-Kernel's layer kernels: what TRL users pick
+  for memory); skipped, with the reason, where liger_kernel is not installed or there is no GPU.
 - ``trl+dpo_fast``: `dpo_fast.integrations.trl.DPOTrainer`, TRL's loop with dpo_fast computing the loss.
-- ``dpo_fast``: `dpo_fast.DPOTrainer`, prefix-shared packed batches and the fused linear DPO loss.
+- ``dpo_fast``: `dpo_fast.DPOTrainer`, prefix-shared packed batches (FlexAttention on CUDA) and the fused
+  linear DPO loss.
 - ``dpo_fast+precomputed_ref``: the same with `precompute_ref=True` (the reference log-probs computed once
   before the first step, the reference model freed); the precompute time is reported separately.
 
 Every contender starts from the same saved weights (a random-init Llama config), trains on the same
 pre-tokenized pairs, in the same order, `--steps` optimizer steps of `--batch-size` pairs each, with
-sigmoid DPO (beta 0.1), AdamW at a constant learning rate without warmup, gradient clipping at 1.0, no
-dropout, fp32 on the CPU, no truncation (max_length is the longest pair). TRL receives the very token
+sigmoid DPO (beta 0.1), AdamW at a constant learning rate without warmup (5e-6: the first H200 run at 1e-4
+sent the random 1.24B model to losses of 14 by step 4), gradient clipping at 1.0, no dropout, fp32 on the
+CPU and bf16 on CUDA, no truncation (max_length is the longest pair), and the same gradient checkpointing
+(on, non-reentrant, as TRL's default; `--no-gradient-checkpointing` for the other table, whose files end
+in "-no-ckpt"). TRL receives the very token
 ids dpo_fast does: its text tokenization (`_prepare_dataset`) is skipped and its sampler is sequential
 over the pairs laid out in dpo_fast's seeded epoch order. The first steps' losses of all contenders must
 agree (same maths, so the speed comparison is fair); the check is in the results.
 
 Measured per contender: pairs/s and tokens/s (real tokens: prompt once + both completions) over steps
-2..N (step 1 carries the one-off setup: reference copy or precompute, optimizer state, dataloader), the
-loss of every step, and peak memory: on CUDA `max_memory_allocated` over trainer construction and
-training; on the CPU `benchmarks.common.peak_extra_bytes` (the profiler's allocator events) over
-construction and `--memory-steps` steps of a second, untimed run. Each contender runs in its own process
-so that neither memory nor patched model classes leak from one to the next.
+3..N, with the median and mean step time (steps 1 and 2 are untimed: they carry the one-off setup,
+reference copy or precompute, optimizer state, dataloader, and on CUDA the FlexAttention compilations, one
+per row length until torch marks the length dynamic), the loss of every step, and peak memory: on CUDA
+`max_memory_allocated` over trainer construction and training; on the CPU
+`benchmarks.common.peak_extra_bytes` (the profiler's allocator events) over construction and
+`--memory-steps` steps of a second, untimed run. Each contender runs in its own process so that neither
+memory nor patched model classes leak from one to the next.
 
 On the CPU each contender runs on one torch thread unless --threads says otherwise: the development machine
 has 2 cores shared with other jobs, and with 2 threads a descheduled worker thread stalls every op, which
 made the same contender 2-7x slower from one run to the next; on one thread wall time tracks CPU time.
 Process CPU seconds are reported beside the wall clock (pairs/CPU-s) for the same reason.
 
-    python benchmarks/bench_e2e.py --profile long --steps 20
-    python benchmarks/bench_e2e.py --profile short --device cuda --length-search   # 1B Llama, bf16
+`--length-search` (CUDA) finds, per contender, the longest pair (prompt 3/4, completion 1/4 of its tokens,
+both completions alike) that trains 2 steps at one pair per step under `--memory-cap-gb` (24 by default,
+`torch.cuda.set_per_process_memory_fraction`): doubling from `--search-start` to the first failure, then
+bisecting to `--search-resolution` of the length. One process per contender tries the lengths in turn
+(an out-of-memory error is an answer, freed before the next try) and stops at `--search-budget-s`.
 
-Writes benchmarks/results/e2e-<profile>.json/.md/.png (e2e-<profile>-cuda.* on CUDA).
+    python benchmarks/bench_e2e.py --profile long --steps 12
+    python benchmarks/bench_e2e.py --profile long --device cuda --length-search   # 1B Llama, bf16
+
+Writes benchmarks/results/e2e-<profile>.json/.md/.png (e2e-<profile>-cuda.* on CUDA, "-no-ckpt" appended
+without checkpointing; the length search alone, `--search-only`, writes e2e-search-cuda.*).
 """
 
 from __future__ import annotations
@@ -39,9 +54,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +73,8 @@ import common  # noqa: E402
 import e2e_data  # noqa: E402
 
 SCHEMA = "dpo_fast.bench.e2e/1"
-CONTENDERS = ("trl", "trl+dpo_fast", "dpo_fast", "dpo_fast+precomputed_ref")
+CONTENDERS = ("trl", "trl+liger", "trl+dpo_fast", "dpo_fast", "dpo_fast+precomputed_ref")
+UNTIMED_STEPS = 2
 BASELINE = "trl"
 LOSS_RTOL = 1e-3
 AGREEMENT_STEPS = 3
@@ -108,6 +126,9 @@ class Settings:
     work_dir: str
     order: list[int]
     bf16: bool
+    gradient_checkpointing: bool = True
+    memory_cap_gb: float = 0.0  # CUDA: set_per_process_memory_fraction to this many GB; 0 = the whole device
+    search: dict[str, Any] | None = None  # length search mode: start, max, resolution, budget_s, profile
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +177,7 @@ def _same_training(s, steps: int) -> dict:
         seed=s.seed,
         beta=s.beta,
         max_length=s.max_length,
+        gradient_checkpointing=s.gradient_checkpointing,
     )
 
 
@@ -166,7 +188,7 @@ def _trl_trainer(
     import trl
     from transformers import TrainerCallback
 
-    if s.contender == "trl":
+    if s.contender in ("trl", "trl+liger"):
         base = trl.DPOTrainer
     else:
         from dpo_fast.integrations.trl import DPOTrainer as base
@@ -204,6 +226,8 @@ def _trl_trainer(
         use_cpu=not s.device.startswith("cuda"),
         dataloader_num_workers=0,
         precompute_ref_log_probs=False,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=s.contender == "trl+liger",
     )
     # ref_model=None: TRL loads its reference from the policy's checkpoint directory, as it does for users.
     return PreTokenized(
@@ -313,13 +337,15 @@ def _train(s: Settings, steps: int, tag: str) -> dict[str, Any]:
         raise RuntimeError(f"{s.contender}: logged steps {[r['step'] for r in history]}, expected 1..{steps}")
     del trainer, model
     wall, cpu = [w for w, _ in step_ends], [c for _, c in step_ends]
+    first = min(UNTIMED_STEPS, steps) - 1  # the end of the last untimed step starts the clock
     return {
         "construct_s": train_start - start,
         "train_s": end - train_start,
         "first_step_s": wall[0] - train_start,
-        "step_s": [b - a for a, b in zip(wall, wall[1:])],
-        "steady_s": wall[-1] - wall[0],
-        "steady_cpu_s": cpu[-1] - cpu[0],
+        "untimed_steps_s": wall[first] - train_start,
+        "step_s": [b - a for a, b in zip(wall[first:], wall[first + 1:])],
+        "steady_s": wall[-1] - wall[first],
+        "steady_cpu_s": cpu[-1] - cpu[first],
         "history": history,
         **timings,
     }
@@ -349,11 +375,110 @@ def _import_up_front(contender: str) -> None:
             importlib.import_module(name)
 
 
+def _cap_memory(s: Settings) -> None:
+    if s.memory_cap_gb and s.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, s.memory_cap_gb * 1024**3 / total))
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    # Compiled kernels (FlexAttention, Triton) report it as a RuntimeError naming the failure.
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def search_longest(fits, start: int, maximum: int, resolution: float, deadline: float) -> dict[str, Any]:
+    """The longest length that `fits(length) -> dict(status=...)` accepts: doubling from `start` to the first
+    failure (or past `maximum`), then bisecting until the bracket is narrower than `resolution` x the
+    longest fitting length, or time.monotonic() passes `deadline`. A failure other than "oom" ends the
+    search (it is no memory answer). Returns the tries, the longest fit, the first failure above it."""
+    tries: list[dict[str, Any]] = []
+    best = failure = None
+
+    def attempt(length: int) -> bool:
+        nonlocal best, failure
+        outcome = {"pair_tokens": length, **fits(length)}
+        tries.append(outcome)
+        if outcome["status"] == "ok":
+            best = outcome
+            return True
+        failure = outcome
+        return False
+
+    length = start
+    while length <= maximum and time.monotonic() < deadline and attempt(length):
+        length *= 2
+    stopped = failure is not None and failure["status"] != "oom"
+    while (best is not None and failure is not None and not stopped and time.monotonic() < deadline
+           and failure["pair_tokens"] - best["pair_tokens"] > resolution * best["pair_tokens"]):
+        middle = (best["pair_tokens"] + failure["pair_tokens"]) // 2
+        stopped = not attempt(middle) and failure["status"] != "oom"
+    if stopped or (failure is not None and best is None):  # no memory answer, or the first length fails
+        complete = True
+    elif failure is None:  # doubled past the maximum, unless the time ran out first
+        complete = best is not None and 2 * best["pair_tokens"] > maximum
+    else:
+        complete = failure["pair_tokens"] - best["pair_tokens"] <= resolution * best["pair_tokens"]
+    return {"longest_fitting": best, "first_failure": failure, "tries": tries, "complete": complete,
+            "resolution": resolution}
+
+
+def run_search_worker(s: Settings, out_path: str) -> None:
+    """The length search of one contender, in this process; results rewritten after every try."""
+    from transformers import PreTrainedTokenizerFast
+
+    search = s.search
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(s.tokenizer_dir)
+    result: dict[str, Any] = {"contender": s.contender, "memory_cap_gb": s.memory_cap_gb}
+
+    def fits(length: int) -> dict[str, Any]:
+        pairs = e2e_data.make_pairs(tokenizer, e2e_data.search_profile(length), 2, seed=s.seed)
+        path = Path(s.work_dir) / f"search-{s.contender.replace('+', '_')}-{length}.json"
+        path.write_text(json.dumps([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs]))
+        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+        trial = dataclasses.replace(s, pairs_path=str(path), order=[0, 1], max_length=longest, batch_size=1,
+                                    steps=2, search=None)
+        _log(f"  [{s.contender}] length search: pairs of {length} tokens")
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with _peak_counter_kept():
+                _train(trial, 2, f"search-{length}")
+            return {"status": "ok", "peak_memory_mb": (torch.cuda.max_memory_allocated() - base) / common.MB}
+        except Exception as e:  # an answer for the search, not a crash; freed before the next try
+            return {"status": "oom" if _out_of_memory(e) else "error",
+                    "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def fits_and_record(length: int) -> dict[str, Any]:
+        outcome = fits(length)
+        tries.append({"pair_tokens": length, **outcome})
+        common._write_atomic(Path(out_path), json.dumps({**result, "status": "partial", "tries": tries}) + "\n")
+        return outcome
+
+    tries: list[dict[str, Any]] = []
+    found = search_longest(fits_and_record, search["start"], search["max"], search["resolution"],
+                           time.monotonic() + search["budget_s"])
+    result.update(status="ok", search=found)
+    common._write_atomic(Path(out_path), json.dumps(result) + "\n")
+
+
 def run_worker(settings_path: str, out_path: str) -> None:
     with open(settings_path, encoding="utf-8") as f:
         s = Settings(**json.load(f))
     torch.set_num_threads(s.threads)
     _import_up_front(s.contender)
+    _cap_memory(s)
+    if s.device.startswith("cuda") and s.contender.startswith("dpo_fast"):
+        # Its rows change length every step: compiled FlexAttention would compile for the first length and
+        # again, dynamic, for the second. Dynamic from the start is the same steady state with one compile.
+        torch._dynamo.config.assume_static_by_default = False
+    if s.search is not None:
+        run_search_worker(s, out_path)
+        return
     result: dict[str, Any] = {"contender": s.contender}
     cuda = s.device.startswith("cuda")
     rss_before = _rss_mb()
@@ -364,7 +489,7 @@ def run_worker(settings_path: str, out_path: str) -> None:
             torch.cuda.reset_peak_memory_stats()
         try:
             timed = _train(s, s.steps, "timed")
-        except torch.OutOfMemoryError as e:  # an answer, not a crash, for the length search
+        except torch.OutOfMemoryError as e:  # an answer, not a crash
             result.update(status="oom", reason=str(e).splitlines()[0][:300])
             common._write_atomic(Path(out_path), json.dumps(result) + "\n")
             return
@@ -487,21 +612,22 @@ def _run_contender(args: argparse.Namespace, settings: Settings, work: Path) -> 
 
 
 def _summarize(result: dict[str, Any], order: list[int], real_tokens: list[int], batch: int) -> None:
-    """pairs/s and tokens/s over steps 2..N (the steady state), from the step end times."""
+    """pairs/s, tokens/s, median and mean step time over steps 3..N (the steady state), from the step end times."""
     if result["status"] != "ok":
         return
     steps = len(result["history"])
     result["losses"] = [r["loss"] for r in result["history"]]
-    if steps < 2 or result["steady_s"] <= 0:
+    timed = steps - UNTIMED_STEPS
+    if timed < 1 or result["steady_s"] <= 0:
         result["pairs_per_s"] = result["tokens_per_s"] = None
         return
-    tokens = sum(real_tokens[i] for i in order[batch : steps * batch])
-    result["pairs_per_s"] = (steps - 1) * batch / result["steady_s"]
+    tokens = sum(real_tokens[i] for i in order[UNTIMED_STEPS * batch : steps * batch])
+    result["pairs_per_s"] = timed * batch / result["steady_s"]
     result["tokens_per_s"] = tokens / result["steady_s"]
-    step_s = sorted(result["step_s"])
-    result["median_step_s"] = step_s[len(step_s) // 2]
+    result["median_step_s"] = statistics.median(result["step_s"])
+    result["mean_step_s"] = statistics.fmean(result["step_s"])
     # Process CPU seconds (all threads): less sensitive than the wall clock to other jobs on a shared machine.
-    result["pairs_per_cpu_s"] = (steps - 1) * batch / result["steady_cpu_s"]
+    result["pairs_per_cpu_s"] = timed * batch / result["steady_cpu_s"]
 
 
 def _agreement(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -548,18 +674,19 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"{cfg['mean_prompt_tokens']:.0f} / completion {cfg['mean_completion_tokens']:.0f} tokens, "
         "longest pair "
         f"{cfg['max_length']}. {cfg['steps']} steps x {cfg['batch_size']} pairs, lr {cfg['learning_rate']}, "
-        f"beta {cfg['beta']}, sigmoid loss.",
+        f"beta {cfg['beta']}, sigmoid loss. **Gradient checkpointing "
+        f"{'on' if cfg.get('gradient_checkpointing', False) else 'off'} for every contender.**",
         "",
-        "| contender | pairs/s | tokens/s | vs trl | pairs/CPU-s | vs trl (CPU) | median step s "
-        "| first step s "
+        "| contender | pairs/s | tokens/s | vs trl | pairs/CPU-s | vs trl (CPU) | median step s | mean step s "
+        "| steps 1-2 s "
         "| peak MB | RSS high-water delta MB | precompute s | final loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = payload["contenders"].get(BASELINE, {}).get("pairs_per_s")
     base_cpu = payload["contenders"].get(BASELINE, {}).get("pairs_per_cpu_s")
     for name, r in payload["contenders"].items():
         if r["status"] != "ok":
-            lines.append(f"| {name} | error: {r.get('reason', '')} |||||||||||")
+            lines.append(f"| {name} | {r['status']}: {r.get('reason', '')} ||||||||||||")
             continue
         speedup = r["pairs_per_s"] / base if base and r["pairs_per_s"] else None
         speedup_cpu = r.get("pairs_per_cpu_s") / base_cpu if base_cpu and r.get("pairs_per_cpu_s") else None
@@ -568,8 +695,8 @@ def _markdown(payload: dict[str, Any]) -> str:
             f"| {name} | {common._fmt(r['pairs_per_s'], 2)} | {common._fmt(r['tokens_per_s'], 0)} | "
             f"{common._fmt(speedup, 2)} | {common._fmt(r.get('pairs_per_cpu_s'), 2)} | "
             f"{common._fmt(speedup_cpu, 2)} | "
-            f"{common._fmt(r.get('median_step_s'), 2)} | "
-            f"{common._fmt(r['first_step_s'], 2)} | {common._fmt(r.get('peak_memory_mb'), 1)} | "
+            f"{common._fmt(r.get('median_step_s'), 2)} | {common._fmt(r.get('mean_step_s'), 2)} | "
+            f"{common._fmt(r.get('untimed_steps_s'), 2)} | {common._fmt(r.get('peak_memory_mb'), 1)} | "
             f"{common._fmt(r['rss_high_water_delta_mb'], 1)} | {common._fmt(precompute, 2)} | "
             f"{common._fmt(r['losses'][-1], 4)} |"
         )
@@ -588,22 +715,10 @@ def _markdown(payload: dict[str, Any]) -> str:
     )
     lines += [
         "",
-        f"Peak memory: {method}. pairs/s and tokens/s: steps 2..N (step 1 holds the one-off setup). "
-        "tokens = prompt once + both completions, no padding. The CPU is shared: see the load average.",
+        f"Peak memory: {method}. pairs/s, tokens/s and step times: steps {UNTIMED_STEPS + 1}..N (steps "
+        f"1-{UNTIMED_STEPS} hold the one-off setup and, on CUDA, compilation). tokens = prompt once + both "
+        "completions, no padding. The CPU is shared: see the load average.",
     ]
-    if payload.get("length_search"):
-        lines += [
-            "",
-            "Longest pair (prompt + one completion, tokens) whose 2 training steps fit, doubling search:",
-            "",
-        ]
-        for name, found in payload["length_search"].items():
-            best, failure = found["longest_fitting"], found["first_failure"]
-            fits = (
-                f"{best['pair_tokens']} (peak {common._fmt(best['peak_memory_mb'])} MB)" if best else "none"
-            )
-            fails = f"; {failure['pair_tokens']} failed: {failure['reason']}" if failure else ""
-            lines.append(f"- {name}: {fits}{fails}")
     return "\n".join(lines) + "\n"
 
 
@@ -631,7 +746,7 @@ def _chart(payload: dict[str, Any], path: Path) -> None:
     ax_loss.legend(fontsize=8)
     names = list(ok)
     ax_speed.bar(names, [ok[n]["pairs_per_s"] or 0 for n in names], color="tab:blue")
-    ax_speed.set(ylabel="pairs / s", title="throughput (steps 2..N)")
+    ax_speed.set(ylabel="pairs / s", title=f"throughput (steps {UNTIMED_STEPS + 1}..N)")
     ax_mem.bar(names, [ok[n].get("peak_memory_mb") or 0 for n in names], color="tab:orange")
     ax_mem.set(ylabel="MB", title="peak memory")
     for ax in (ax_speed, ax_mem):
@@ -649,27 +764,37 @@ def _loadavg() -> str:
         return "unknown"
 
 
-def _length_search(args: argparse.Namespace, profile: e2e_data.Profile, work: Path) -> dict[str, Any]:
-    """Per contender, the longest pair (prompt + one completion, the profile's ratio) whose 2 steps fit:
-    doubling from --search-start until a run fails (out of memory, or any error: its reason is kept) or
-    --search-max is passed. Uses the benchmark's saved model."""
+def _skip_reason(name: str, device: str) -> str | None:
+    """Why a contender cannot run here (None: it can)."""
+    if name == "trl+liger":
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel is not installed (pip install liger-kernel)"
+        if device != "cuda":
+            return "Liger-Kernel's Triton kernels need a CUDA device"
+    return None
+
+
+def _length_search(args: argparse.Namespace, work: Path, write) -> dict[str, Any]:
+    """Per contender, in its own process: the longest pair (prompt 3/4, completion 1/4) whose 2 steps of one
+    pair fit under --memory-cap-gb (`search_longest`). Uses the benchmark's saved model; `write(found)` is
+    called after each contender, so an interrupted run keeps what it found."""
     found: dict[str, Any] = {}
     for name in args.contenders:
-        best, failure, length = None, None, args.search_start
-        while length <= args.search_max:
-            sub = work / f"search-{name.replace('+', '_')}-{length}"
-            sub.mkdir()
-            data = _prepare_data(args, e2e_data.scaled_profile(profile, length), sub, 2 * args.batch_size)
-            settings = _settings(args, name, data, sub, steps=2, model_dir=work / "model")
-            settings.memory_steps = 0
-            _log(f"[length search] {name}: pairs of {length} tokens")
-            result = _run_contender(args, settings, sub)
-            if result["status"] != "ok":
-                failure = {"pair_tokens": length, "reason": result.get("reason", "")}
-                break
-            best = {"pair_tokens": length, "peak_memory_mb": result.get("peak_memory_mb")}
-            length *= 2
-        found[name] = {"longest_fitting": best, "first_failure": failure}
+        reason = _skip_reason(name, args.device)
+        if reason is not None:
+            found[name] = {"status": "skipped", "reason": reason}
+            continue
+        prep = {"longest_pair": args.search_start, "pairs": [None] * 2}
+        settings = _settings(args, name, prep, work, steps=2)
+        settings.memory_steps = 0
+        settings.search = {"start": args.search_start, "max": args.search_max, "resolution": args.search_resolution,
+                           "budget_s": args.search_budget_s}
+        _log(f"[length search] {name}: from {args.search_start} tokens, cap {args.memory_cap_gb} GB")
+        result = _run_contender(args, settings, work)
+        found[name] = result
+        write(found)
     return found
 
 
@@ -698,6 +823,8 @@ def _settings(
         work_dir=str(work),
         order=_epoch_order(len(prep["pairs"]), args.seed),
         bf16=args.device == "cuda",
+        gradient_checkpointing=args.gradient_checkpointing,
+        memory_cap_gb=args.memory_cap_gb,
     )
 
 
@@ -728,7 +855,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"longest pair {prep['longest_pair']} tokens, "
             f"load average {loadavg_before}"
         )
-        for name in args.contenders:
+        for name in [] if args.search_only else args.contenders:
+            reason = _skip_reason(name, args.device)
+            if reason is not None:
+                _log(f"[e2e] {name}: skipped ({reason})")
+                results[name] = {"contender": name, "status": "skipped", "reason": reason}
+                continue
             _log(f"[e2e] {name}: {args.steps} steps x {args.batch_size} pairs")
             settings = _settings(args, name, prep, work, args.steps)
             result = _run_contender(args, settings, work)
@@ -742,7 +874,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     + " ".join(f"{v:.4f}" for v in result["losses"][:4])
                     + " ..."
                 )
-        search = _length_search(args, base_profile, work) if args.length_search else None
+            # Rewritten after every contender: a run stopped by a time limit keeps the finished rows.
+            payload = _write_table(args, device, prep, results, loadavg_before, chart=False)
+        if args.length_search:
+            search = _length_search(args, work, lambda found: _write_search(args, device, prep, found))
+    if args.search_only:
+        return search
+    payload = _write_table(args, device, prep, results, loadavg_before, chart=not args.no_chart)
+    agree = payload["loss_agreement"]
+    if agree["ok"] is False:
+        _log(f"[e2e] WARNING: losses disagree with {BASELINE} beyond {LOSS_RTOL}: {agree['contenders']}")
+    return payload
+
+
+def _write_table(args: argparse.Namespace, device: torch.device, prep: dict[str, Any],
+                 results: dict[str, dict[str, Any]], loadavg_before: str, *, chart: bool) -> dict[str, Any]:
     pairs = prep["pairs"]
     payload = {
         "schema": SCHEMA,
@@ -771,32 +917,94 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "memory_steps": args.memory_steps,
             "threads": args.threads,
             "isolation": "inline" if args.inline else "process per contender",
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "untimed_steps": UNTIMED_STEPS,
         },
         "command": "python benchmarks/bench_e2e.py " + " ".join(args.argv),
         "contenders": results,
         "loss_agreement": _agreement(results),
     }
-    if search is not None:
-        payload["length_search"] = search
     out_dir = Path(args.out_dir)
-    stem = f"e2e-{args.profile}" + ("-cuda" if device.type == "cuda" else "")
+    stem = f"e2e-{args.profile}" + _suffix(args, device)
     common._write_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
     common._write_atomic(out_dir / f"{stem}.md", _markdown(payload))
-    if not args.no_chart:
+    if chart:
         _chart(payload, out_dir / f"{stem}.png")
-    _log(f"[e2e] wrote {out_dir / stem}.json/.md" + ("" if args.no_chart else "/.png"))
-    agree = payload["loss_agreement"]
-    if agree["ok"] is False:
-        _log(f"[e2e] WARNING: losses disagree with {BASELINE} beyond {LOSS_RTOL}: {agree['contenders']}")
+    _log(f"[e2e] wrote {out_dir / stem}.json/.md" + ("/.png" if chart else ""))
     return payload
+
+
+def _suffix(args: argparse.Namespace, device: torch.device) -> str:
+    return ("-cuda" if device.type == "cuda" else "") + ("" if args.gradient_checkpointing else "-no-ckpt")
+
+
+def _write_search(args: argparse.Namespace, device: torch.device, prep: dict[str, Any], found: dict[str, Any]):
+    payload = {
+        "schema": SCHEMA,
+        "benchmark": "e2e-length-search",
+        "device": device.type,
+        "meta": common.metadata(device),
+        "settings": {"memory_cap_gb": args.memory_cap_gb, "start": args.search_start, "max": args.search_max,
+                     "resolution": args.search_resolution, "budget_s_per_contender": args.search_budget_s,
+                     "pairs_per_step": 1, "steps": 2, "prompt_share": 0.75,
+                     "gradient_checkpointing": args.gradient_checkpointing, "model_config": prep["model_config"],
+                     "num_params": prep["num_params"], "bf16": device.type == "cuda"},
+        "command": "python benchmarks/bench_e2e.py " + " ".join(args.argv),
+        "contenders": found,
+    }
+    stem = "e2e-search" + _suffix(args, device)
+    out_dir = Path(args.out_dir)
+    common._write_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
+    common._write_atomic(out_dir / f"{stem}.md", _search_markdown(payload))
+    _log(f"[length search] wrote {out_dir / stem}.json/.md")
+
+
+def _search_markdown(payload: dict[str, Any]) -> str:
+    meta, cfg = payload["meta"], payload["settings"]
+    lines = [
+        f"# End-to-end DPO: longest trainable pair under {cfg['memory_cap_gb']} GB ({payload['device']})",
+        "",
+        f"{meta['date_utc']}, commit {meta['git_commit']}, {meta.get('gpu', meta['cpu'])}, torch {meta['torch']}.",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Model: Llama {cfg['model_config']} ({cfg['num_params'] / 1e6:.1f}M parameters), "
+        f"{'bf16' if cfg['bf16'] else 'fp32'}; one pair per step, 2 steps, prompt 3/4 and each completion 1/4 of "
+        f"the pair's tokens; gradient checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}; doubling "
+        f"from {cfg['start']}, then bisecting to {cfg['resolution']} of the length, at most "
+        f"{cfg['budget_s_per_contender']} s per contender.",
+        "",
+        "| contender | longest pair (tokens) | peak MB | first failure (tokens) | vs trl | complete |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    def longest(r):
+        best = (r.get("search") or {}).get("longest_fitting")
+        return best["pair_tokens"] if best else None
+
+    base = longest(payload["contenders"].get(BASELINE, {}))
+    for name, r in payload["contenders"].items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')}: {r.get('reason', '')} |||||")
+            continue
+        found = r["search"]
+        best, failure = found["longest_fitting"], found["first_failure"]
+        fail = f"{failure['pair_tokens']} ({failure['status']})" if failure else "-"
+        ratio = best["pair_tokens"] / base if best and base else None
+        lines.append(f"| {name} | {best['pair_tokens'] if best else 'none'} | "
+                     f"{common._fmt(best.get('peak_memory_mb')) if best else '-'} | {fail} | "
+                     f"{common._fmt(ratio, 2)} | {'yes' if found['complete'] else 'no (time budget)'} |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", choices=sorted(e2e_data.PROFILES), default="long")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per contender (>= 2)")
+    p.add_argument("--steps", type=int, default=12,
+                   help=f"optimizer steps per contender; the first {UNTIMED_STEPS} are untimed")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step (one micro-batch)")
-    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--learning-rate", type=float, default=5e-6, help="(1e-4 diverged on the random 1B model)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="for every contender alike (default: on, as TRL's DPOConfig)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -825,8 +1033,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--memory-steps", type=int, default=2, help="CPU: steps of the profiled memory run; 0 = skip"
     )
     p.add_argument("--length-search", action="store_true", help="also find the longest pair that fits (CUDA)")
-    p.add_argument("--search-start", type=int, default=1024)
-    p.add_argument("--search-max", type=int, default=65536)
+    p.add_argument("--search-only", action="store_true", help="the length search without the throughput table")
+    p.add_argument("--memory-cap-gb", type=float, default=24.0, help="CUDA memory cap of the length search")
+    p.add_argument("--search-start", type=int, default=2048)
+    p.add_argument("--search-max", type=int, default=131072)
+    p.add_argument("--search-resolution", type=float, default=0.125,
+                   help="bisect until the bracket is this fraction of the longest fitting length")
+    p.add_argument("--search-budget-s", type=float, default=300.0, help="time per contender of the search")
     p.add_argument(
         "--inline", action="store_true", help="run contenders in this process (tests; less isolation)"
     )
@@ -834,8 +1047,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.steps < 2:
-        p.error(f"--steps must be >= 2 (throughput is measured over steps 2..N), got {args.steps}")
+    if args.steps <= UNTIMED_STEPS:
+        p.error(f"--steps must be > {UNTIMED_STEPS} (throughput is measured over steps {UNTIMED_STEPS + 1}..N), "
+                f"got {args.steps}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     unknown = [c for c in args.contenders if c not in CONTENDERS]
@@ -843,6 +1057,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--contenders: unknown {', '.join(unknown)}; expected a subset of {', '.join(CONTENDERS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    args.length_search = args.length_search or args.search_only
+    if args.length_search and args.device != "cuda":
+        p.error("--length-search runs under a CUDA memory cap: it needs --device cuda")
+    if not args.length_search:
+        args.memory_cap_gb = 0.0  # the throughput table runs on the whole device
     if not args.threads:
         args.threads = 1 if args.device == "cpu" else torch.get_num_threads()
     if not args.vocab_size:
@@ -857,8 +1076,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("usage: bench_e2e.py --worker SETTINGS_JSON RESULT_JSON")
         run_worker(argv[1], argv[2])
         return 0
-    payload = run(parse_args(argv))
-    return 0 if payload["loss_agreement"]["ok"] is not False else 1
+    args = parse_args(argv)
+    payload = run(args)
+    return 0 if args.search_only or payload["loss_agreement"]["ok"] is not False else 1
 
 
 if __name__ == "__main__":

@@ -54,6 +54,14 @@ def scaled_profile(profile: Profile, pair_tokens: int) -> Profile:
     )
 
 
+def search_profile(pair_tokens: int) -> Profile:
+    """The length search's pairs: prompt 3/4 and each completion 1/4 of `pair_tokens`, no spread."""
+    if pair_tokens < 16:
+        raise ValueError(f"pair_tokens must be >= 16, got {pair_tokens}")
+    prompt = 3 * pair_tokens // 4
+    return Profile("search", prompt_tokens=prompt, completion_tokens=pair_tokens - prompt, spread=0.0)
+
+
 def _words(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     words: set[str] = set()

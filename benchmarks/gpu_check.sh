@@ -2,8 +2,13 @@
 # One pass of the GPU checks on a CUDA machine, under 8 minutes, installing nothing heavy:
 #   1. the tests marked `gpu`, 2. the tests of the Triton ops (compiled, not interpreted),
 #   3. the loss benchmark on the GPU (bf16, 8 pairs x 1024 tokens, H=4096, V=128256),
-#   4. the end-to-end training benchmark against TRL (1B Llama config, bf16, long-prompt profile).
-# The limits add up to 8 minutes; the end-to-end run comes last so a slow start cannot cost the rest.
+#   4. the end-to-end training benchmark against TRL and TRL+Liger (1.24B Llama config, bf16, long-prompt
+#      profile, 12 steps, the first 2 untimed, gradient checkpointing on for all),
+#   5. the longest pair each of them trains under a 24 GB cap (one pair per step; doubling, then bisecting
+#      while the per-contender time budget lasts: the table says whether the bracket closed; without a
+#      time limit, `bench_e2e.py --device cuda --search-only` searches 300 s per contender).
+# The limits add up to 8 minutes (45 + 90 + 150 + 95 + 100 s); the end-to-end runs come last so a slow start
+# cannot cost the rest. Both write their tables after every contender, so a run cut by its limit keeps rows.
 # Results and logs go to benchmarks/results/ and, when $OUT is set, are copied into $OUT.
 #
 #   bash benchmarks/gpu_check.sh            # PY=python3 by default; .venv/bin/python when present
@@ -57,7 +62,7 @@ fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 # A test module importing a package the image lacks must not stop the others from running.
-step pytest_gpu 120 "$PY" -m pytest -q -m gpu --continue-on-collection-errors tests
+step pytest_gpu 45 "$PY" -m pytest -q -m gpu --continue-on-collection-errors tests
 triton_tests=(tests/test_triton*.py)
 if [ -e "${triton_tests[0]}" ]; then
     step pytest_triton 90 "$PY" -m pytest -q "${triton_tests[@]}"
@@ -67,12 +72,16 @@ fi
 # The GPU contenders only (naive always runs): the torch-backend rows are the CPU path and would spend
 # the step's time limit on 128k-vocabulary tiles.
 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --only triton --only liger --only trl
-step bench_e2e 120 "$PY" benchmarks/bench_e2e.py --profile long --steps 4 --device cuda
+E2E_CONTENDERS="trl,trl+liger,dpo_fast"
+step bench_e2e 95 "$PY" benchmarks/bench_e2e.py --profile long --steps 12 --device cuda --contenders "$E2E_CONTENDERS"
+step length_search 100 "$PY" benchmarks/bench_e2e.py --device cuda --search-only --memory-cap-gb 24 \
+    --contenders "$E2E_CONTENDERS" --search-start 4096 --search-resolution 0.25 --search-budget-s 20
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     # The device tool brings back at most 8 files: the two tables as they are, everything in one archive.
-    cp benchmarks/results/loss-cuda.md benchmarks/results/e2e-long-cuda.md "$OUT"/ 2>/dev/null || true
+    cp benchmarks/results/loss-cuda.md benchmarks/results/e2e-long-cuda.md benchmarks/results/e2e-search-cuda.md \
+        "$OUT"/ 2>/dev/null || true
     tar czf "$OUT/gpu_check.tgz" "$LOG_DIR" benchmarks/results/*cuda* 2>/dev/null || true
     echo "=== copied results into $OUT"
 fi
