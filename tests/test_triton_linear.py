@@ -297,8 +297,9 @@ for dtype in (torch.bfloat16, torch.float16):
     assert "dpo_fast.linear_token_logps_fwd.default" in ops and "dpo_fast.linear_token_logps_bwd.default" in ops, ops
     out, dh, dw, db = (n.meta["val"] for n in gm.graph.find_nodes(op="output")[0].args[0])
     assert out.dtype == torch.float32 and (dh.dtype, dw.dtype, db.dtype) == (dtype,) * 3, (out, dh, dw, db)
-    # Inside the ops: the decomposition Inductor sees (products, kernels) must trace with fake tensors too.
-    inner = make_fx(triton_linear._backward_impl, tracing_mode="fake")(
+    # Inside the ops: the functionalized decomposition Inductor sees (products, kernels whose in-place output
+    # aliases an input) must trace with fake tensors too.
+    inner = make_fx(torch.func.functionalize(triton_linear._backward_impl), tracing_mode="fake")(
         args[4], args[0], args[1], args[2], args[3], torch.randn(21), -100, True, True, True,
         schedule.LOGITS_BUDGET_BYTES, 2 * 4 * 32 * 100)
     kernels = [n for n in inner.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
@@ -443,8 +444,8 @@ def test_gpu_llama3_shape_bf16():
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     # The bf16 gradients and one logits chunk (<= LOGITS_BUDGET_BYTES) are the only big allocations:
-    # [N, V] logits (1 GB in bf16) never appear; 64 MiB of slack for the [N] vectors and the D^T h product.
-    assert peak <= (n * h + v * h) * 2 + schedule.LOGITS_BUDGET_BYTES + 64 * 2**20, f"peak {peak / 2**30:.2f} GiB"
+    # [N, V] logits (1 GB in bf16) never appear; 128 MiB of slack for the [N] vectors and the D W product.
+    assert peak <= (n * h + v * h) * 2 + schedule.LOGITS_BUDGET_BYTES + 128 * 2**20, f"peak {peak / 2**30:.2f} GiB"
 
     # bf16 logits (as the model's lm_head computes them): log-probs within a few bf16 ulps of the logits.
     assert_within("logps", out.double(), exp_logps.double(), 2**-6 * exp_logps.double().abs() + 0.05)
