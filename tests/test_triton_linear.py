@@ -334,6 +334,17 @@ def _no_one_pass(monkeypatch):
     monkeypatch.setattr(triton_one_pass, "linear_dpo_loss_pair_chunks", refuse)
 
 
+def _pairs_case(seed, loss_type, dtype, *, packed, **shape):
+    """tests/test_one_pass.py's case (padded, or packed with gaps in a shuffled order), on DEVICE:
+    (hidden, weight, bias, labels, segment_ids, ref_c, ref_r, kwargs)."""
+    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _one_pass_case(seed, loss_type, dtype, **shape)
+    segment_ids = None
+    if packed:
+        hidden, labels, segment_ids = _to_packed(hidden, labels, seed=seed + 1)
+    tensors = (_to(t, device=DEVICE) for t in (hidden, weight, bias, labels, segment_ids, ref_c, ref_r))
+    return (*tensors, kwargs)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_every_loss_with_pairs_split_across_the_budget(monkeypatch, loss_type):
     """Every loss type through `linear_dpo_loss(backend="triton")` with a logits budget of 7 tokens: no pair
@@ -341,13 +352,10 @@ def test_every_loss_with_pairs_split_across_the_budget(monkeypatch, loss_type):
     its token chunks cut through pairs. Padded with a fully masked rejected response where the loss allows
     one, or packed (alternately); forward and every gradient against the float64 reference."""
     _no_one_pass(monkeypatch)
-    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _one_pass_case(40, loss_type, torch.float32)
+    packed = bool(LOSS_TYPES.index(loss_type) % 2)
+    hidden, weight, bias, labels, segment_ids, ref_c, ref_r, kwargs = _pairs_case(40, loss_type, torch.float32,
+                                                                                  packed=packed)
     monkeypatch.setattr(schedule, "LOGITS_BUDGET_BYTES", _budget_tokens(7, weight.shape[0], torch.float32))
-    segment_ids = None
-    if LOSS_TYPES.index(loss_type) % 2:
-        hidden, labels, segment_ids = _to_packed(hidden, labels, seed=41)
-    hidden, weight, bias, labels = (t.to(DEVICE) for t in (hidden, weight, bias, labels))
-    segment_ids = _to(segment_ids, device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     out = _public(leaves, labels, ref_c, ref_r, kwargs, segment_ids)
     _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, torch.float32,
@@ -358,14 +366,10 @@ def test_every_loss_with_pairs_split_across_the_budget(monkeypatch, loss_type):
 def test_half_precision_through_the_public_api(monkeypatch, dtype, packed):
     """float16 always takes the two-pass schedule; bf16 does when a pair exceeds the budget (here 9 tokens)."""
     _no_one_pass(monkeypatch)
-    hidden, weight, bias, labels, ref_c, ref_r, kwargs = _one_pass_case(42, "sigmoid", dtype, b=2, t=23)
+    hidden, weight, bias, labels, segment_ids, ref_c, ref_r, kwargs = _pairs_case(42, "sigmoid", dtype, packed=packed,
+                                                                                  b=2, t=23)
     if dtype == torch.bfloat16:
         monkeypatch.setattr(schedule, "LOGITS_BUDGET_BYTES", _budget_tokens(9, weight.shape[0], dtype))
-    segment_ids = None
-    if packed:
-        hidden, labels, segment_ids = _to_packed(hidden, labels, seed=43)
-    hidden, weight, bias, labels = (t.to(DEVICE) for t in (hidden, weight, bias, labels))
-    segment_ids = _to(segment_ids, device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     out = _public(leaves, labels, ref_c, ref_r, kwargs, segment_ids)
     _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_c, ref_r, kwargs, dtype,
@@ -375,20 +379,22 @@ def test_half_precision_through_the_public_api(monkeypatch, dtype, packed):
 def test_reference_log_probs_from_ref_hidden_run_forward_only(monkeypatch):
     """ref_hidden: the reference model's log-probs come from the two-pass forward under no_grad, whose
     backward op never runs (the policy's loss here goes through the one-pass schedule)."""
-    hidden, weight, bias, labels, _, _, kwargs = _one_pass_case(44, "sigmoid", torch.float32)
-    ref_hidden = (hidden + 0.1 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(45))).to(DEVICE)
-    hidden, weight, bias, labels = (t.to(DEVICE) for t in (hidden, weight, bias, labels))
+    hidden, weight, bias, labels, _, _, _, kwargs = _pairs_case(44, "sigmoid", torch.float32, packed=False)
+    noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(45)).to(DEVICE)
+    ref_hidden = hidden + 0.1 * noise
     monkeypatch.setattr(triton_linear, "_bwd_op", None)  # any call would fail
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     out = _public(leaves, labels, None, None, kwargs, ref_hidden=ref_hidden)
     with torch.no_grad():
-        want = reference.linear_dpo_loss(hidden.cpu().double(), weight.cpu().double(), labels.cpu(),
-                                         bias=bias.cpu().double(), ref_hidden=ref_hidden.cpu().double(), **kwargs)
-    expected = (want.chosen_logps - want.chosen_rewards / kwargs["beta"])
-    _allclose("ref_chosen_logps", out.chosen_logps - out.chosen_rewards / kwargs["beta"], expected, torch.float32)
-    _check_against_reference(out, leaves, (hidden, weight, bias, labels), want.chosen_logps - want.chosen_rewards
-                             / kwargs["beta"], want.rejected_logps - want.rejected_rewards / kwargs["beta"], kwargs,
-                             torch.float32)
+        # The reference head has no bias unless ref_bias is passed.
+        ref_out = reference.linear_dpo_loss(ref_hidden.double(), weight.double(), labels, **kwargs)
+    # The reference log-probs the call derived from ref_hidden, read back from the rewards.
+    beta = kwargs["beta"]
+    _allclose("ref_chosen_logps", out.chosen_logps - out.chosen_rewards / beta, ref_out.chosen_logps, torch.float32)
+    _allclose("ref_rejected_logps", out.rejected_logps - out.rejected_rewards / beta, ref_out.rejected_logps,
+              torch.float32)
+    _check_against_reference(out, leaves, (hidden, weight, bias, labels), ref_out.chosen_logps,
+                             ref_out.rejected_logps, kwargs, torch.float32)
 
 
 # ---------------------------------------------------------------- real shapes, CUDA only
