@@ -7,7 +7,7 @@
 #   5. the longest pair each of them trains under a 24 GB cap (one pair per step; doubling, then bisecting
 #      while the per-contender time budget lasts: the table says whether the bracket closed; without a
 #      time limit, `bench_e2e.py --device cuda --search-only` searches 300 s per contender).
-# The limits add up to 8 minutes (45 + 90 + 150 + 95 + 100 s); the end-to-end runs come last so a slow start
+# The limits add up to 8 minutes (60 + 90 + 150 + 95 + 85 s); the end-to-end runs come last so a slow start
 # cannot cost the rest. Both write their tables after every contender, so a run cut by its limit keeps rows.
 # Results and logs go to benchmarks/results/ and, when $OUT is set, are copied into $OUT.
 #
@@ -62,7 +62,7 @@ fi
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 # A test module importing a package the image lacks must not stop the others from running.
-step pytest_gpu 45 "$PY" -m pytest -q -m gpu --continue-on-collection-errors tests
+step pytest_gpu 60 "$PY" -m pytest -q -m gpu --continue-on-collection-errors tests
 triton_tests=(tests/test_triton*.py)
 if [ -e "${triton_tests[0]}" ]; then
     step pytest_triton 90 "$PY" -m pytest -q "${triton_tests[@]}"
@@ -74,7 +74,7 @@ fi
 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --only triton --only liger --only trl
 E2E_CONTENDERS="trl,trl+liger,dpo_fast"
 step bench_e2e 95 "$PY" benchmarks/bench_e2e.py --profile long --steps 12 --device cuda --contenders "$E2E_CONTENDERS"
-step length_search 100 "$PY" benchmarks/bench_e2e.py --device cuda --search-only --memory-cap-gb 24 \
+step length_search 85 "$PY" benchmarks/bench_e2e.py --device cuda --search-only --memory-cap-gb 24 \
     --contenders "$E2E_CONTENDERS" --search-start 4096 --search-resolution 0.25 --search-budget-s 20
 
 if [ -n "${OUT:-}" ]; then

@@ -229,6 +229,8 @@ def attention_kwargs(batch: Batch, attn_implementation: str | None, dtype: torch
             raise ValueError(f"attn_implementation={impl!r} cannot run the 'prefix_shared' layout (its rejected "
                              "branch skips part of its context); use 'packed', or sdpa/eager/flex_attention")
         cu, longest = varlen_cu_seqlens(batch)
+        if torch.device(device).type == "cuda":
+            cu = cu.pin_memory()  # a copy from pageable memory would wait for the device
         cu = cu.to(device, non_blocking=True)
         return {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
                 "max_length_k": longest}

@@ -231,6 +231,7 @@ class _LaidOut:
 
     batch: Batch
     members: list[int]  # indices into the split's pairs
+    member_index: Tensor  # the same, as a tensor (pinned with the rest)
     weight: float  # this micro-batch's share of the step's pairs (0 for an FSDP filler)
     scored: Tensor  # [N] flat indices of the scored positions
     labels: Tensor  # [N]
@@ -445,9 +446,10 @@ class DPOTrainer:
         if self.config.precompute_ref:
             # Without a separate ref model, the policy as it is now (before training or resuming) is the reference.
             source = self.ref_model if self.ref_model is not None else self.model
-            self._ref_cache["train"] = self._cached_reference_logps(source, self.train_pairs, "train")
+            # On the device (8 bytes a pair): each micro-batch gathers its rows there, with no host copy.
+            self._ref_cache["train"] = self._cached_reference_logps(source, self.train_pairs, "train").to(self.device)
             if self.eval_pairs:
-                self._ref_cache["eval"] = self._cached_reference_logps(source, self.eval_pairs, "eval")
+                self._ref_cache["eval"] = self._cached_reference_logps(source, self.eval_pairs, "eval").to(self.device)
             # Freed: its log-probs are all the run needs.
             self.ref_model = None
             gc.collect()
@@ -618,21 +620,28 @@ class DPOTrainer:
         segments = batch.segment_ids.reshape(-1)
         scored = (segments >= 0).nonzero().squeeze(-1)
         segments = segments[scored]
-        laid_out = _LaidOut(batch=batch, members=members, weight=weight, scored=scored,
+        laid_out = _LaidOut(batch=batch, members=members, member_index=torch.tensor(members), weight=weight,
+                            scored=scored,
                             labels=batch.labels.reshape(-1)[scored], segment_ids=segments,
                             num_tokens=int((batch.roles != ROLE_PAD).sum()),
                             chosen_tokens=int((segments < batch.num_pairs).sum()))
         if self.device.type == "cuda":
             laid_out.batch = batch.pin_memory()
-            laid_out.scored, laid_out.labels, laid_out.segment_ids = (
-                t.pin_memory() for t in (laid_out.scored, laid_out.labels, laid_out.segment_ids))
+            laid_out.scored, laid_out.labels, laid_out.segment_ids, laid_out.member_index = (
+                t.pin_memory() for t in (laid_out.scored, laid_out.labels, laid_out.segment_ids,
+                                         laid_out.member_index))
         return laid_out
 
     def _lay_out_ahead(self, pairs: list[TokenizedPair],
                        micro: list[tuple[list[int], float]]) -> list[Future]:
         """Queue the micro-batches on the layout worker (in order); their results are read as they are needed."""
         if self._layout_worker is None:
-            self._layout_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpo_fast-layout")
+            # Pinning touches the CUDA context: the worker uses this rank's device, not device 0 (as the
+            # DataLoader's pin-memory thread does).
+            cuda = self.device.type == "cuda"
+            self._layout_worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="dpo_fast-layout",
+                initializer=torch.cuda.set_device if cuda else None, initargs=(self.device,) if cuda else ())
         return [self._layout_worker.submit(self._lay_out, pairs, members, weight) for members, weight in micro]
 
     def _to_device(self, laid_out: _LaidOut) -> dict[str, Any]:
@@ -649,11 +658,12 @@ class DPOTrainer:
 
     # -- reference log-probs for a batch ----------------------------------------------------------
 
-    def _reference_logps(self, split: str, indices: list[int], inputs: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+    def _reference_logps(self, split: str, laid_out: _LaidOut, inputs: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
         if self.config.reference_free:
             return None
         if split in self._ref_cache:
-            values = self._ref_cache[split][indices].to(self.device, non_blocking=True)
+            rows = laid_out.member_index.to(self.device, non_blocking=True)
+            values = self._ref_cache[split].index_select(0, rows)
             return values[:, 0], values[:, 1]
         with torch.no_grad():
             if self._ref_outputs is not None:
@@ -687,7 +697,7 @@ class DPOTrainer:
         for j, future in enumerate(pending):
             laid_out = future.result()
             inputs = self._to_device(laid_out)
-            ref = self._reference_logps("train", laid_out.members, inputs)
+            ref = self._reference_logps("train", laid_out, inputs)
             if hasattr(self._outputs, "set_requires_gradient_sync"):
                 self._outputs.set_requires_gradient_sync(j == len(pending) - 1)
             loss, *rest = self._outputs(**inputs, ref_chosen=None if ref is None else ref[0],
@@ -703,7 +713,10 @@ class DPOTrainer:
 
     def _reduced(self, stats: Tensor, counts: list[float]) -> Tensor:
         """[len(_STAT_KEYS)] float64 on the device: the device sums and the host counts, summed over ranks."""
-        stats = torch.cat([stats, torch.tensor(counts, dtype=torch.float64).to(self.device, non_blocking=True)])
+        counts = torch.tensor(counts, dtype=torch.float64)
+        if self.device.type == "cuda":
+            counts = counts.pin_memory()  # a copy from pageable memory would wait for the device
+        stats = torch.cat([stats, counts.to(self.device, non_blocking=True)])
         if self.distributed:
             dist.all_reduce(stats)
         return stats
@@ -854,7 +867,7 @@ class DPOTrainer:
         for future in self._lay_out_ahead(self.eval_pairs, mine):
             laid_out = future.result()
             inputs = self._to_device(laid_out)
-            ref = self._reference_logps("eval", laid_out.members, inputs)
+            ref = self._reference_logps("eval", laid_out, inputs)
             loss, *rest = self._outputs(**inputs, ref_chosen=None if ref is None else ref[0],
                                         ref_rejected=None if ref is None else ref[1])
             stats += self._batch_stats(loss, rest, ref)
