@@ -288,6 +288,7 @@ class DPOTrainer:
         self._barrier()
         set_seed(config.seed)
         self.layout, self.attn_implementation = self._choose_attention(model, ref_model)
+        self._set_attention(model, ref_model)
 
         self.train_pairs = self._as_pairs(train_data, "train_data")
         if not self.train_pairs:
@@ -301,9 +302,6 @@ class DPOTrainer:
         if self.eval_pairs:
             check_sequence_lengths(self.eval_pairs, model, config.max_length)
 
-        set_attention(_model_base(model), self.attn_implementation)
-        if ref_model is not None:
-            set_attention(_model_base(ref_model), self.attn_implementation)  # both read the same inputs
         if config.lora_r > 0:
             model = self._add_lora(model)
         model.to(self.device)
@@ -373,6 +371,21 @@ class DPOTrainer:
             if ref_model is None or preferred_attention(_model_base(ref_model), layout, self.device) == preferred:
                 impl = preferred
         return layout, impl
+
+    def _set_attention(self, model: nn.Module, ref_model: nn.Module | None) -> None:
+        """Switch the policy and the reference (both read the same inputs) to the chosen implementation; where
+        transformers refuses FlexAttention (torch too old, ...), both keep their own, with a warning."""
+        models = [_model_base(m) for m in (model, ref_model) if m is not None]
+        before = [attention_implementation(m) for m in models]
+        try:
+            for m in models:
+                set_attention(m, self.attn_implementation)
+        except (ValueError, ImportError) as e:
+            for m, impl in zip(models, before):
+                set_attention(m, impl)
+            warnings.warn(f"attn_implementation={self.attn_implementation!r} is not available ({e}); keeping "
+                          f"{before[0]!r}", stacklevel=3)
+            self.attn_implementation = before[0]
 
     @property
     def _dense_mask(self) -> bool:

@@ -598,3 +598,15 @@ def test_cuda_micro_batches_add_no_host_sync(tmp_path, tokenizer):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert syncs([[0, 1], [2, 3], [4, 5], [6, 7]]) <= syncs([[0, 1], [2, 3]])
+
+
+def test_an_unavailable_preferred_attention_falls_back_with_a_warning(tmp_path, tokenizer, monkeypatch):
+    import dpo_fast.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "preferred_attention", lambda model, layout, device: "no_such_attention")
+    vocab = len(tokenizer)
+    with pytest.warns(UserWarning, match="'no_such_attention' is not available.*keeping 'sdpa'"):
+        trainer = DPOTrainer(tiny_model(vocab), tokenizer, random_pairs(2, vocab), ref_model=tiny_model(vocab, 1),
+                             config=make_config(tmp_path))
+    assert trainer.attn_implementation == "sdpa"
+    assert trainer.model.config._attn_implementation == trainer.ref_model.config._attn_implementation == "sdpa"
