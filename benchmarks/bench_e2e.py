@@ -560,7 +560,13 @@ def _prepare_data(
 
 
 def _prepare_model(args: argparse.Namespace, tokenizer, work: Path, max_positions: int) -> dict[str, Any]:
-    """Random-initialises the preset's Llama once and saves it: every contender loads these very weights."""
+    """Random-initialises the preset's Llama once and saves it: every contender loads these very weights.
+
+    With --weights-cache DIR the weights are kept there, keyed by configuration, seed and dtype, so that a
+    second run (gpu_check's length search after its throughput table) skips the initialisation (tens of
+    seconds for the 1.24B model on the host)."""
+    import hashlib
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     preset = dict(MODEL_PRESETS["cuda" if args.device == "cuda" else "cpu"])
@@ -581,12 +587,21 @@ def _prepare_model(args: argparse.Namespace, tokenizer, work: Path, max_position
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    if args.device == "cuda":
-        model = model.to(torch.bfloat16)  # the contenders train in bf16; half the bytes to write and read
-    model.save_pretrained(work / "model")
-    return {"model_config": preset, "num_params": sum(p.numel() for p in model.parameters())}
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # bf16: half the bytes to write and read
+    model_dir = work / "model"
+    if args.weights_cache:
+        key = json.dumps({"config": config.to_dict(), "seed": args.seed, "dtype": str(dtype)}, sort_keys=True)
+        model_dir = Path(args.weights_cache) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not (model_dir / "config.json").is_file():
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(config).to(dtype)
+        staging = model_dir.with_name(model_dir.name + f".tmp{os.getpid()}")
+        model.save_pretrained(staging)
+        os.replace(staging, model_dir)  # complete or absent: a cut run leaves no half-written cache entry
+        del model
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    return {"model_config": preset, "num_params": num_params, "model_dir": str(model_dir)}
 
 
 def _run_contender(args: argparse.Namespace, settings: Settings, work: Path) -> dict[str, Any]:
@@ -776,7 +791,7 @@ def _skip_reason(name: str, device: str) -> str | None:
     return None
 
 
-def _length_search(args: argparse.Namespace, work: Path, write) -> dict[str, Any]:
+def _length_search(args: argparse.Namespace, work: Path, prep: dict[str, Any], write) -> dict[str, Any]:
     """Per contender, in its own process: the longest pair (prompt 3/4, completion 1/4) whose 2 steps of one
     pair fit under --memory-cap-gb (`search_longest`). Uses the benchmark's saved model; `write(found)` is
     called after each contender, so an interrupted run keeps what it found."""
@@ -786,8 +801,8 @@ def _length_search(args: argparse.Namespace, work: Path, write) -> dict[str, Any
         if reason is not None:
             found[name] = {"status": "skipped", "reason": reason}
             continue
-        prep = {"longest_pair": args.search_start, "pairs": [None] * 2}
-        settings = _settings(args, name, prep, work, steps=2)
+        settings = _settings(args, name, {**prep, "longest_pair": args.search_start, "pairs": [None] * 2}, work,
+                             steps=2)
         settings.memory_steps = 0
         settings.search = {"start": args.search_start, "max": args.search_max, "resolution": args.search_resolution,
                            "budget_s": args.search_budget_s}
@@ -817,7 +832,7 @@ def _settings(
         max_length=prep["longest_pair"],
         threads=args.threads,
         memory_steps=args.memory_steps,
-        model_dir=str(model_dir or work / "model"),
+        model_dir=str(model_dir or prep.get("model_dir") or work / "model"),
         tokenizer_dir=str(work / "tokenizer"),
         pairs_path=str(work / "pairs.json"),
         work_dir=str(work),
@@ -848,7 +863,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         _log(f"[e2e] profile {args.profile}: building tokenizer, {num_pairs} pairs and the initial weights")
         prep = _prepare_data(args, profile, work, num_pairs)
-        positions = max(2048, 2 * prep["longest_pair"], 2 * args.search_max if args.length_search else 0)
+        # Positions for the length search too, so that both runs share cached weights (RoPE stores none).
+        positions = max(2048, 2 * prep["longest_pair"], 2 * args.search_max)
         prep.update(_prepare_model(args, prep["tokenizer"], work, positions))
         _log(
             f"[e2e] model {prep['num_params'] / 1e6:.1f}M parameters, "
@@ -877,7 +893,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Rewritten after every contender: a run stopped by a time limit keeps the finished rows.
             payload = _write_table(args, device, prep, results, loadavg_before, chart=False)
         if args.length_search:
-            search = _length_search(args, work, lambda found: _write_search(args, device, prep, found))
+            search = _length_search(args, work, prep, lambda found: _write_search(args, device, prep, found))
     if args.search_only:
         return search
     payload = _write_table(args, device, prep, results, loadavg_before, chart=not args.no_chart)
@@ -1044,6 +1060,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inline", action="store_true", help="run contenders in this process (tests; less isolation)"
     )
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--weights-cache", default="", help="keep the initial weights in this folder, reused by later runs")
     p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -72,10 +72,11 @@ fi
 # The GPU contenders only (naive always runs): the torch-backend rows are the CPU path and would spend
 # the step's time limit on 128k-vocabulary tiles.
 step bench_loss 150 "$PY" benchmarks/bench_loss.py --device cuda --only triton --only liger --only trl
-E2E_CONTENDERS="trl,trl+liger,dpo_fast"
-step bench_e2e 95 "$PY" benchmarks/bench_e2e.py --profile long --steps 12 --device cuda --contenders "$E2E_CONTENDERS"
-step length_search 85 "$PY" benchmarks/bench_e2e.py --device cuda --search-only --memory-cap-gb 24 \
-    --contenders "$E2E_CONTENDERS" --search-start 4096 --search-resolution 0.25 --search-budget-s 20
+# Both runs train from the same initial weights, initialised once on the host and kept in /tmp.
+E2E=("$PY" benchmarks/bench_e2e.py --device cuda --contenders "trl,trl+liger,dpo_fast" --weights-cache /tmp/dpo_fast-e2e-weights)
+step bench_e2e 95 "${E2E[@]}" --profile long --steps 12
+step length_search 85 "${E2E[@]}" --search-only --memory-cap-gb 24 --search-start 4096 --search-resolution 0.25 \
+    --search-budget-s 20
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"

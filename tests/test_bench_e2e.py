@@ -114,8 +114,12 @@ def test_three_step_run_writes_results_and_losses_agree(tmp_path):
         "--no-chart",
         "--out-dir",
         str(tmp_path),
+        "--weights-cache",
+        str(tmp_path / "weights"),
     ]
     assert bench_e2e.main(argv) == 0
+    cached = list((tmp_path / "weights").iterdir())  # one complete entry, reused by a later run
+    assert len(cached) == 1 and (cached[0] / "config.json").is_file()
     payload = json.loads((tmp_path / "e2e-short.json").read_text())
     assert payload["schema"] == bench_e2e.SCHEMA
     assert payload["device"] == "cpu"
