@@ -10,6 +10,7 @@ full float64 log-softmax.
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -176,6 +177,26 @@ def test_flex_block_mask_equals_the_rule(layout):
             if size == 8 and length >= 64:
                 computed = int((block_mask.kv_num_blocks + block_mask.full_kv_num_blocks).sum())
                 assert computed < rows * (-(-length // size)) ** 2, "masked blocks must be skipped"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_flex_attention_takes_the_block_mask():
+    """What CUDA runs: torch.compile traces our mask_mod (a gather from the per-key bounds) and its block
+    tables, with GQA and no K/V repeat; here on the CPU (inductor's C++ kernel), against sdpa and the dense mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch = build_batch(random_pairs(1, 3, (20, 60), (5, 30)), "prefix_shared", pad_id=0,
+                        pad_to_multiple_of=FLEX_BLOCK_SIZE)
+    rows, length = batch.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, 4, length, 16, generator=g)
+    k, v = (torch.randn(rows, 2, length, 16, generator=g) for _ in range(2))
+    got = torch.compile(flex_attention)(q, k, v, block_mask=flex_block_mask(batch, "cpu"), enable_gqa=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=attention_mask_4d(batch, torch.float32))
+    real = (batch.roles != ROLE_PAD).view(rows, 1, length, 1).expand_as(got)
+    assert_close(got[real], expected[real], torch.float32, "compiled flex_attention")
 
 
 def test_flex_block_mask_of_a_16k_row_allocates_no_square_tensor():
