@@ -80,7 +80,7 @@ step length_search 85 "${E2E[@]}" --search-only --memory-cap-gb 24 --search-star
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
-    # The device tool brings back at most 8 files: the two tables as they are, everything in one archive.
+    # The device tool brings back at most 8 files: the three tables as they are, everything in one archive.
     cp benchmarks/results/loss-cuda.md benchmarks/results/e2e-long-cuda.md benchmarks/results/e2e-search-cuda.md \
         "$OUT"/ 2>/dev/null || true
     tar czf "$OUT/gpu_check.tgz" "$LOG_DIR" benchmarks/results/*cuda* 2>/dev/null || true
