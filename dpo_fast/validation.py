@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -11,12 +13,22 @@ BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported: it is a Linux-only requirement (no wheels for macOS or Windows)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA tensors, 'torch' elsewhere; 'triton' off-GPU needs the interpreter."""
+    """'auto' -> 'triton' on CUDA tensors when Triton is installed, 'torch' elsewhere; 'triton' off-GPU
+    needs the interpreter."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not known; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs the triton package, which is not installed (it exists for Linux "
+                         "only): pip install triton, or use backend='torch' or 'auto'")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend='triton' got tensors on {device}: Triton runs on CUDA tensors, or on the CPU only under "
