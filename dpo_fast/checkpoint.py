@@ -657,12 +657,17 @@ def load_rng_state(checkpoint_dir: str, rank: int) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{checkpoint_dir!r} has no {os.path.basename(path)}: it was written by fewer ranks "
                                 "than this run has; resume with the same number of processes")
+    set_rng_state(load_state(path))
+
+
+def load_state(path: str, map_location: Any = None) -> Any:
+    """torch.load(weights_only=True) of a checkpoint's optimizer, scheduler or RNG state: tensors, numbers and
+    containers only, so that a checkpoint from elsewhere cannot run code; CheckpointError for anything else."""
     try:
-        state = torch.load(path, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and kin: the file holds more than tensors and numbers
         raise CheckpointError(f"{path!r} does not load with weights_only=True (written by an older version, or not "
                               f"by dpo_fast): {str(e).splitlines()[0]}") from None
-    set_rng_state(state)
 
 
 def load_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:

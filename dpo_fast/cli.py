@@ -266,7 +266,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     ref_name = _check_before_loading(parser, args, config)
 
     from .commands.sources import load_tokenizer
-    from .trainer import DPOTrainer
+    from .trainer import DistributedTimeout, DPOTrainer
 
     try:
         tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model)
@@ -289,7 +289,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         metrics = trainer.train()
     except ckpt.CheckpointError as e:  # a resume refused: this run's settings differ from the checkpoint's
         parser.error(str(e))
-    except (ckpt.CheckpointWriteError, TrainingDiverged) as e:
+    except (ckpt.CheckpointWriteError, TrainingDiverged, DistributedTimeout) as e:
         print(error_text(parser.prog, str(e)).splitlines()[0], file=sys.stderr)
         return 1
     except ckpt.TrainingInterrupted as e:

@@ -86,10 +86,16 @@ class DPOConfig:
         True, "Recompute each layer's activations in the backward (non-reentrant, as TRL's DPOConfig): memory for "
               "layer inputs only; the reference forward never recomputes. --no-gradient-checkpointing turns it off.")
     bf16: bool = _f(False, "bfloat16 autocast for the model on CUDA (ignored on the CPU).")
+    max_nonfinite_steps: int = _f(
+        3, "A step whose loss or gradient norm is NaN or infinite is skipped (no update); this many in a row stop "
+           "the run with an error naming the step.")
     seed: int = _f(42, "Seed for the data order, dropout and initialisation of new weights.")
     # Logging and checkpoints.
     logging_steps: int = _f(10, "Log metrics every this many optimizer steps.")
-    save_steps: int = _f(0, "Save a checkpoint every this many optimizer steps; 0 = only the final export.")
+    save_steps: int = _f(0, "Save a checkpoint every this many optimizer steps; 0 = by save_minutes only.")
+    save_minutes: float = _f(
+        30.0, "Also save a checkpoint when this many minutes have passed since the last one (so a crash or "
+              "preemption loses at most that much); 0 = off. SIGTERM/SIGINT always save before exiting.")
     save_total_limit: int = _f(0, "Keep at most this many checkpoints (oldest removed first); 0 = keep all.")
     resume_from_checkpoint: str | None = _f(
         None, "Resume from this checkpoint directory, or 'latest' for the newest one in output_dir.")
@@ -97,7 +103,7 @@ class DPOConfig:
     report_to_tensorboard: bool = _f(True, "Also write TensorBoard event files when tensorboard is installed.")
     # DPO loss.
     beta: float = _f(0.1, "DPO temperature: scale of the implicit reward.")
-    loss_type: str = _f("sigmoid", "DPO-family loss (see dpo_fast.LOSS_TYPES).")
+    loss_type: str = _f("sigmoid", "DPO-family loss.")
     label_smoothing: float = _f(0.0, "Label-smoothing epsilon for the losses that read it (cDPO, robust, ...).")
     nll_weight: float = _f(0.0, "Weight of the RPO term (per-token NLL of the chosen response).")
     simpo_gamma: float = _f(0.0, "SimPO target reward margin.")
@@ -124,13 +130,17 @@ class DPOConfig:
     # Execution.
     backend: str = _f("auto", f"Kernels for the loss: {', '.join(BACKENDS)} ('auto' = triton on CUDA).")
     fsdp: bool = _f(False, "Shard parameters, gradients and optimizer state with FSDP2 (fully_shard).")
+    ddp_timeout: int = _f(
+        1800, "Seconds a collective waits for the other processes (torch.distributed) before the run fails with "
+              "an error naming the rank.")
     flex_attention: bool = _f(
         True, "On CUDA, run the packed and prefix_shared layouts with attn_implementation='flex_attention' when the "
               "model's class supports it (a block-sparse mask, no [L, L] tensor); False keeps the model's own.")
 
     def __post_init__(self) -> None:
         _ = self.loss_config  # validates the loss fields with the library's own checks
-        positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "max_length")
+        positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "max_length",
+                         "max_nonfinite_steps", "ddp_timeout")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -147,6 +157,8 @@ class DPOConfig:
             raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}")
         if not (0.0 <= self.warmup_ratio <= 1.0):
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if not (math.isfinite(self.save_minutes) and self.save_minutes >= 0):
+            raise ValueError(f"save_minutes must be a finite number >= 0 (0 = off), got {self.save_minutes!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
         if self.weight_decay < 0:

@@ -443,6 +443,8 @@ def demo_config(settings, pairs: Sequence[TokenizedPair], output_dir: str, **ove
         max_length=longest, max_tokens_per_row=4 * longest,
         max_tokens_per_batch=settings.dpo_batch_size * 3 * longest // 2,
         logging_steps=max(1, settings.dpo_steps // 30), report_to_tensorboard=False,
+        # A tiny model with memory to spare: recomputing its activations would only cost time.
+        gradient_checkpointing=False,
     )
     values.update(overrides)
     return DPOConfig(**values)

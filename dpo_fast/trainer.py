@@ -38,11 +38,13 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -60,10 +62,19 @@ from .attention import (
     uses_dense_mask,
 )
 from .config import DPOConfig
+from .data_summary import layout_padding, padding_line, summarize_data
 from .functional import linear_dpo_loss
 from .layouts import build_batch, unit_lengths
 from .losses import DPOOutput, loss_from_logps
-from .metrics import CHART_FILE, METRICS_FILE, MetricsLogger, plot_metrics
+from .metrics import (
+    CHART_FILE,
+    METRICS_FILE,
+    MetricsLogger,
+    TrainingDiverged,
+    TrainingHealth,
+    plot_metrics,
+    truncate_metrics,
+)
 from .pairs import ROLE_PAD, Batch, TokenizedPair
 from .scoring import backbone_of, check_sequence_lengths, head_token_logps, output_head, pad_token_id, pair_logps
 
@@ -282,6 +293,7 @@ class DPOTrainer:
         if config.reference_free and ref_model is not None:
             raise ValueError(f"loss_type={config.loss_type!r} is reference-free: do not pass ref_model")
         check_output_dir(config)
+        ckpt.check_writable_dir(config.output_dir)  # before any weight moves or data is read
         self.tokenizer = tokenizer
         self._init_distributed()
         # Every rank checks output_dir before rank 0 writes anything into it.
@@ -301,6 +313,7 @@ class DPOTrainer:
         check_sequence_lengths(self.train_pairs, model, config.max_length)
         if self.eval_pairs:
             check_sequence_lengths(self.eval_pairs, model, config.max_length)
+        self._report_padding()
 
         if config.lora_r > 0:
             model = self._add_lora(model)
@@ -339,7 +352,8 @@ class DPOTrainer:
     def _init_distributed(self) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=timedelta(seconds=self.config.ddp_timeout))
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -401,17 +415,35 @@ class DPOTrainer:
                                 "pass one kind")
             import datasets
 
-            from .data import load_preferences
+            from .data import load_preferences_with_report
             from .tokenization import tokenize_dataset
 
-            dataset = data if isinstance(data, datasets.Dataset) else load_preferences(data)
+            report = None
+            if isinstance(data, datasets.Dataset):
+                dataset = data
+            else:
+                dataset, report = load_preferences_with_report(data)
             if self.tokenizer is None:
                 raise ValueError(f"{name} is raw text: a tokenizer is needed to tokenize it")
-            result = tokenize_dataset(self.tokenizer, dataset, max_length=self.config.max_length,
-                                      truncation=self.config.truncation)
-            pairs = list(result[0] if isinstance(result, tuple) else result)
+            pairs, stats = tokenize_dataset(self.tokenizer, dataset, max_length=self.config.max_length,
+                                            truncation=self.config.truncation)
+            pairs = list(pairs)
+            if self.rank == 0:
+                summary = summarize_data(pairs, stats, max_length=self.config.max_length, load_report=report)
+                print(summary.format().replace("data: training data", f"data: {name}", 1), file=sys.stderr)
         # Positions in this list key the reference log-probs; the source row stays in error messages.
         return pairs
+
+    def _report_padding(self) -> None:
+        """The last line of the data summary: the padding share of the layout as this run lays batches out."""
+        if self.rank != 0:
+            return
+        capacity = None if self.layout == "padded" else self.config.row_capacity(self._dense_mask)
+        fraction, batches = layout_padding(self.train_pairs, self.layout,
+                                           pairs_per_batch=self.config.per_device_train_batch_size,
+                                           row_capacity=capacity, pad_id=pad_token_id(self.tokenizer),
+                                           seed=self.config.seed)
+        print(f"  layout           {padding_line(self.layout, fraction, batches)}", file=sys.stderr)
 
     def _check_pair_sizes(self, pairs: list[TokenizedPair], name: str) -> None:
         budget = self.config.max_tokens_per_batch
@@ -530,11 +562,13 @@ class DPOTrainer:
             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
+        # fused: one kernel per parameter group, and it reads `found_inf` on the device, which is how a
+        # non-finite step is skipped without a host sync (`optimizer_step`). FSDP's DTensors have no fused SGD.
         if c.optim == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=c.learning_rate)
+            self.optimizer = torch.optim.SGD(groups, lr=c.learning_rate, fused=not (c.fsdp and self.distributed))
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                               eps=c.adam_epsilon)
+                                               eps=c.adam_epsilon, fused=True)
         warmup = math.ceil(c.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_factory(c.lr_scheduler_type, self.total_steps, warmup))
@@ -566,16 +600,37 @@ class DPOTrainer:
         self._build_optimizer()
         if self.rank == 0:
             os.makedirs(self.config.output_dir, exist_ok=True)
+        out = self.config.output_dir
+        self.run_settings = ckpt.run_settings(self.config, world_size=self.world_size, layout=self.layout,
+                                              num_train_pairs=len(self.train_pairs),
+                                              data_fingerprint=pairs_fingerprint(self.train_pairs))
+        self.health = TrainingHealth(max_nonfinite_steps=self.config.max_nonfinite_steps, device=self.device)
+        self.run_warnings: list[str] = []
         if self.config.resume_from_checkpoint:
-            self._resume(ckpt.resolve_resume_path(self.config.resume_from_checkpoint, self.config.output_dir))
-        elif self.rank == 0:
-            # overwrite_output_dir: the old run's metrics and checkpoints go, so that a later
-            # resume_from_checkpoint='latest' cannot pick up a checkpoint of the other run.
-            metrics_path = os.path.join(self.config.output_dir, METRICS_FILE)
-            if os.path.exists(metrics_path):
-                os.unlink(metrics_path)
-            for _, stale in ckpt.list_checkpoints(self.config.output_dir):
-                shutil.rmtree(stale)
+            path = ckpt.resolve_resume_path(self.config.resume_from_checkpoint, out)
+            # Checked on every rank before any of them moves a file: a refused resume changes nothing.
+            state = ckpt.read_trainer_state(path)
+            for note in ckpt.check_resume(path, state, self.run_settings):
+                warnings.warn(note, stacklevel=3)
+            self._barrier()
+            # This run continues `path`: it is the newest lineage, and a rollback moves the later
+            # checkpoints of the abandoned run aside (`latest` then follows this run).
+            self.lineage = ckpt.start_lineage(out, resumed_from=path)
+            self._barrier()
+            if self.rank == 0:
+                ckpt.archive_abandoned(out, path)
+            self._resume(path, state)
+        else:
+            if self.rank == 0:
+                # overwrite_output_dir: the old run's metrics and checkpoints go, so that a later
+                # resume_from_checkpoint='latest' cannot pick up a checkpoint of the other run.
+                metrics_path = os.path.join(out, METRICS_FILE)
+                if os.path.exists(metrics_path):
+                    os.unlink(metrics_path)
+                for _, stale in ckpt.list_checkpoints(out):
+                    shutil.rmtree(stale)
+            self._barrier()
+            self.lineage = ckpt.start_lineage(out)
         self.metrics = MetricsLogger(self.config.output_dir, enabled=self.rank == 0,
                                      tensorboard=self.config.report_to_tensorboard)
         self._barrier()
@@ -703,8 +758,9 @@ class DPOTrainer:
         pending = self._lay_out_ahead(self.train_pairs, self._my_micro_batches(micro_batches))
         return dict(zip(_STAT_KEYS, self._accumulate_gradients(pending).tolist()))
 
-    def _accumulate_gradients(self, pending: list[Future]) -> Tensor:
-        """`compute_gradients` over micro-batches queued by `_lay_out_ahead`; the statistics stay on the device."""
+    def _accumulate_gradients(self, pending: list[Future], flags: Sequence[float] = ()) -> Tensor:
+        """`compute_gradients` over micro-batches queued by `_lay_out_ahead`; the statistics stay on the device.
+        flags: host numbers summed over ranks with the statistics (appended after them)."""
         stats = torch.zeros(_DEVICE_STATS, dtype=torch.float64, device=self.device)
         counts = [0.0] * (len(_STAT_KEYS) - _DEVICE_STATS)
         for j, future in enumerate(pending):
@@ -722,7 +778,7 @@ class DPOTrainer:
                 stats += self._batch_stats(loss, rest, ref)
                 counts = [a + b for a, b in zip(counts, self._batch_counts(laid_out, ref))]
         self._all_reduce_gradients()
-        return self._reduced(stats, counts)
+        return self._reduced(stats, counts + list(flags))
 
     def _reduced(self, stats: Tensor, counts: list[float]) -> Tensor:
         """[len(_STAT_KEYS)] float64 on the device: the device sums and the host counts, summed over ranks."""
@@ -770,14 +826,26 @@ class DPOTrainer:
                     dst.copy_(src)
                 bucket, size = [], 0
 
-    def optimizer_step(self) -> Tensor:
+    def optimizer_step(self, loss: Tensor | float = 0.0) -> Tensor:
         """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping, a 0-dim
-        tensor on the device (reading it waits for the device: the training loop reads it once per log)."""
+        tensor on the device (reading it waits for the device: the training loop reads it once per log).
+
+        loss: the step's mean loss. When it or the gradient norm is NaN or infinite the update is skipped on
+        the device (the fused optimizer's found_inf: weights, moments and step count stay as they were) and
+        counted by `self.health`, with no host sync; `self.step_finite` says which (a 0-dim bool tensor)."""
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
+        self.step_finite = self.health.update(self.global_step + 1, loss, grad_norm)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~self.step_finite).to(torch.float32)
+        else:
+            # SGD (no momentum) on FSDP's shards: a zero gradient leaves the weights as they were but for
+            # the step's weight decay.
+            for p in params:
+                p.grad.copy_(torch.where(self.step_finite, p.grad, torch.zeros_like(p.grad)))
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged as "lr")
         self.optimizer.step()
         self.scheduler.step()
@@ -786,42 +854,81 @@ class DPOTrainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, float]:
-        """Run to config.max_steps (or the epochs); returns the last logged metrics."""
+    def train(self) -> dict[str, Any]:
+        """Run to config.max_steps (or the epochs); returns the last logged metrics, with the last step's loss
+        ("last_step_loss", beside "loss", the logging window's mean) and the run's warnings ("warnings").
+
+        Raises TrainingDiverged when max_nonfinite_steps steps in a row were non-finite (no checkpoint of
+        non-finite weights is written), ckpt.TrainingInterrupted after SIGTERM/SIGINT (once the step is finished
+        and a checkpoint written), DistributedTimeout when the other processes do not answer within ddp_timeout.
+        """
+        try:
+            return self._train()
+        except RuntimeError as e:
+            if self.distributed and _is_timeout(e):
+                raise DistributedTimeout(
+                    f"rank {self.rank} of {self.world_size}: a collective waited more than ddp_timeout="
+                    f"{self.config.ddp_timeout} s at step {self.global_step + 1}: another rank is stuck or died "
+                    f"(see its log); {str(e).splitlines()[0]}") from e
+            raise
+
+    def _train(self) -> dict[str, Any]:
         self._prepare()
         self.model.train()
         c = self.config
         progress = _progress_bar(self.total_steps, self.global_step, enabled=self.rank == 0)
-        # Sums over the logging window, on the device: read (one host sync) once per logging step.
-        window = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=self.device)
+        # Sums over the logging window, on the device: read (one host sync) once per logging step. After the
+        # statistics: the gradient norm and the count of finite steps (a skipped step adds nothing).
+        window = torch.zeros(len(_STAT_KEYS) + 2, dtype=torch.float64, device=self.device)
+        last_step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         window_steps, window_start = 0, time.perf_counter()
-        last: dict[str, float] = {}
+        last: dict[str, Any] = {}
+        # Periodic saves by minutes; save_steps is checked exactly below (every rank knows the step).
+        schedule = ckpt.SaveSchedule(0, c.save_minutes)
+        self._flags_in_flight, self._last_save_step = None, -1
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         upcoming = self._lay_out_step(self.epoch, self.step_in_epoch)
-        while self.global_step < self.total_steps:
-            current = upcoming
-            following = self._following(self.epoch, self.step_in_epoch)
-            # The next step's layouts queue behind this one's: the worker keeps a step ahead of the device.
-            upcoming = self._lay_out_step(*following) if self.global_step + 1 < self.total_steps else []
-            stats = self._accumulate_gradients(current)
-            grad_norm = self.optimizer_step()
-            self.global_step += 1
-            self.epoch, self.step_in_epoch = following
-            window += torch.cat([stats, grad_norm.to(torch.float64).view(1)])
-            window_steps += 1
-            progress.update(1)
-            if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:
-                sums = dict(zip((*_STAT_KEYS, "grad_norm"), window.tolist()))
-                elapsed = time.perf_counter() - window_start
-                last = self._window_metrics(sums, window_steps, elapsed)
-                self.metrics.log(self.global_step, last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
-                window.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            if c.save_steps and self.global_step % c.save_steps == 0:
-                self.save_checkpoint()
+        with ckpt.StopRequest() as stop:
+            while self.global_step < self.total_steps:
+                current = upcoming
+                following = self._following(self.epoch, self.step_in_epoch)
+                # The next step's layouts queue behind this one's: the worker keeps a step ahead of the device.
+                upcoming = self._lay_out_step(*following) if self.global_step + 1 < self.total_steps else []
+                flags = [float(stop.requested), float(self.rank == 0 and schedule.due(self.global_step + 1))]
+                stats = self._accumulate_gradients(current, flags)
+                stats, flags = stats[:-2], stats[-2:]
+                step_loss = stats[0] / stats[_STAT_KEYS.index("pairs")].clamp(min=1.0)
+                grad_norm = self.optimizer_step(step_loss)
+                self.global_step += 1
+                self.epoch, self.step_in_epoch = following
+                step_values = torch.cat([stats, grad_norm.to(torch.float64).view(1), stats.new_ones(1)])
+                window += torch.where(self.step_finite, step_values, torch.zeros_like(step_values))
+                last_step_loss = step_loss
+                window_steps += 1
+                progress.update(1)
+                if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:
+                    values = torch.cat([window, last_step_loss.view(1)]).tolist()
+                    sums = dict(zip((*_STAT_KEYS, "grad_norm", "finite_steps", "last_step_loss"), values))
+                    elapsed = time.perf_counter() - window_start
+                    last = self._window_metrics(sums, window_steps, elapsed)
+                    self.metrics.log(self.global_step, last)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}")
+                    window.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                    self._check_health()
+                stop_now, save_due = self._agreed_flags(flags, stop, schedule)
+                saved = None
+                if (c.save_steps and self.global_step % c.save_steps == 0) or save_due or stop_now:
+                    saved = self.save_checkpoint()
+                    schedule.saved()
+                    self._last_save_step = self.global_step
+                if stop_now:
+                    progress.close()
+                    self.metrics.close()
+                    raise ckpt.TrainingInterrupted(stop.signal or signal.SIGTERM, self.global_step, saved)
         progress.close()
+        self._check_health()
         if self.eval_pairs:
             evaluated = self.evaluate()
             self.metrics.log(self.global_step, evaluated)
@@ -830,7 +937,42 @@ class DPOTrainer:
         if self.rank == 0:
             plot_metrics(self.metrics.history, os.path.join(c.output_dir, CHART_FILE))
         self.metrics.close()
-        return last
+        return {**last, "warnings": list(self.run_warnings)}
+
+    def _agreed_flags(self, flags: Tensor, stop: ckpt.StopRequest, schedule: ckpt.SaveSchedule) -> tuple[bool, bool]:
+        """(stop, save now) as every rank sees them. One process: this step's, from the host. Several: the
+        previous step's sums over ranks (rank 0's clock decides the minutes), copied to the host behind the
+        device's work; reading this step's would wait for the device, the previous step's is long done."""
+        if not self.distributed:
+            return stop.requested, schedule.due(self.global_step)
+        cuda = self.device.type == "cuda"
+        host = torch.empty(2, dtype=torch.float64, pin_memory=cuda)
+        host.copy_(flags, non_blocking=True)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._flags_in_flight = self._flags_in_flight, (self.global_step, host, event)
+        if previous is None:
+            return False, False
+        step, host, event = previous
+        if event is not None:
+            event.synchronize()
+        requested, due = host.tolist()
+        # A save asked for before the last save happened is that save.
+        return requested > 0, due > 0 and step > self._last_save_step
+
+    def _check_health(self) -> None:
+        """Read `self.health` (one host sync): log its new warnings (metrics file, stderr, the returned list);
+        TrainingDiverged when too many steps in a row were non-finite."""
+        report = self.health.read()
+        for note in report.warnings:
+            self.metrics.log(self.global_step, {"warning": note})
+            self.run_warnings.append(note)
+            if self.rank == 0:
+                print(f"warning: {note}", file=sys.stderr)
+        if report.stop_message:
+            raise TrainingDiverged(report.stop_message)
 
     def _following(self, epoch: int, step_in_epoch: int) -> tuple[int, int]:
         """(epoch, step in epoch) of the step after the given one."""
@@ -853,8 +995,14 @@ class DPOTrainer:
         }
         if window["kl_den"] > 0:
             out["kl"] = window["kl_num"] / window["kl_den"]
+        finite = int(window["finite_steps"])
+        if finite < steps:
+            out["skipped_steps"] = steps - finite  # non-finite: left out of every mean here
+        if finite == 0:
+            out = {k: float("nan") for k in out}
         out.update({
-            "grad_norm": window["grad_norm"] / steps,
+            "last_step_loss": window["last_step_loss"],
+            "grad_norm": window["grad_norm"] / finite if finite else float("nan"),
             "lr": self.last_lr,
             "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
             "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
@@ -912,11 +1060,30 @@ class DPOTrainer:
         else:
             self.model.save_pretrained(directory, state_dict=state_dict)
 
+    def _check_weights_finite(self) -> None:
+        """TrainingDiverged unless every trainable weight is finite: a checkpoint never holds NaN or inf weights
+        (non-finite steps are skipped, but an enormous learning rate can overflow a weight in a finite step)."""
+        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        if hasattr(finite, "full_tensor"):  # FSDP2: each rank checks its shards
+            finite = finite.full_tensor()
+        if self.distributed:
+            finite = finite.to(self.device, torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            raise TrainingDiverged(f"stopped at step {self.global_step}: the weights hold NaN or infinite values; "
+                                   "no checkpoint was written for this step; lower the learning rate")
+
     def save_checkpoint(self) -> str:
+        """Write output_dir/checkpoint-<step> (every rank calls it). Raises TrainingDiverged instead when the
+        weights are not finite, or when the run has had too many non-finite steps in a row."""
+        self._check_health()
+        self._check_weights_finite()
         state_dict = self._full_state_dict()  # a collective under FSDP: every rank takes part
         fsdp = self.config.fsdp and self.distributed
         trainer_state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "total_steps": self.total_steps,
-                         "num_train_pairs": len(self.train_pairs), "config": self.config.to_dict()}
+                         "num_train_pairs": len(self.train_pairs), "config": self.config.to_dict(),
+                         "run_settings": self.run_settings, "lineage": self.lineage}
         return ckpt.save_checkpoint(
             self.config.output_dir, self.global_step,
             save_model=lambda d: self._save_model(d, state_dict),
@@ -924,16 +1091,10 @@ class DPOTrainer:
             sharded_optimizer_state=self.optimizer.state_dict() if fsdp else None,
             scheduler_state=self.scheduler.state_dict(), trainer_state=trainer_state,
             rank=self.rank, world_size=self.world_size, barrier=self._barrier,
-            save_total_limit=self.config.save_total_limit)
+            save_total_limit=self.config.save_total_limit, tokenizer=self.tokenizer)
 
-    def _resume(self, path: str) -> None:
-        state = ckpt.read_trainer_state(path)
-        if state.get("world_size", 1) != self.world_size:
-            raise ValueError(f"checkpoint {path!r} was written by {state.get('world_size')} processes, this run has "
-                             f"{self.world_size}: resume with the same number (the data split depends on it)")
-        if state.get("num_train_pairs") != len(self.train_pairs):
-            raise ValueError(f"checkpoint {path!r} was trained on {state.get('num_train_pairs')} pairs, train_data "
-                             f"has {len(self.train_pairs)}: resume with the same data")
+    def _resume(self, path: str, state: dict[str, Any]) -> None:
+        """Load the weights, optimizer, scheduler and RNG states of a checkpoint `check_resume` accepted."""
         if self.has_adapter:
             peft = _require_peft()
             peft.set_peft_model_state_dict(self.model, ckpt.load_safetensors_dir(path))
@@ -946,47 +1107,36 @@ class DPOTrainer:
             ckpt.load_model_weights(self.model, path)
         optim_file = (os.path.join(path, f"optimizer_rank{self.rank}.pt") if self.config.fsdp and self.distributed
                       else os.path.join(path, "optimizer.pt"))
-        self.optimizer.load_state_dict(torch.load(optim_file, map_location=self.device, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+        # weights_only=True: tensors, numbers and containers only, so a checkpoint from elsewhere cannot run code.
+        self.optimizer.load_state_dict(ckpt.load_state(optim_file, map_location=self.device))
+        self.scheduler.load_state_dict(ckpt.load_state(os.path.join(path, "scheduler.pt")))
         ckpt.load_rng_state(path, self.rank)
         self.global_step = int(state["global_step"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if self.rank == 0:
-            _truncate_metrics(os.path.join(self.config.output_dir, METRICS_FILE), self.global_step)
-        logger.info("resumed from %s at step %d", path, self.global_step)
+            truncate_metrics(os.path.join(self.config.output_dir, METRICS_FILE), self.global_step)
+            print(ckpt.resume_message(path, state), file=sys.stderr)
 
     def save_final(self) -> str:
         """save_pretrained into output_dir/final (adapters, or merged weights with merge_lora=True)."""
         final = os.path.join(self.config.output_dir, "final")
+        self._check_weights_finite()
         state_dict = self._full_state_dict()
         if self.rank == 0:
-            tmp = final + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model = self.model
             if self.has_adapter and self.config.merge_lora:
-                model = self.model.merge_and_unload()
-                self.model = model
-            if state_dict is None:
-                model.save_pretrained(tmp)
-            else:
-                model.save_pretrained(tmp, state_dict=state_dict)
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(tmp)
-            ckpt.fsync_tree(tmp)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+                self.model = self.model.merge_and_unload()
+            ckpt.write_directory(final, lambda d: self._save_model(d, state_dict), tokenizer=self.tokenizer)
         self._barrier()
         return final
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop logged steps after the checkpoint we resume from: they will be logged again."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    ckpt.atomic_write_bytes(path, "".join(lines).encode())
+class DistributedTimeout(RuntimeError):
+    """A collective waited longer than ddp_timeout: the message names this rank and the step."""
+
+
+def _is_timeout(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -1006,4 +1156,5 @@ def _progress_bar(total: int, initial: int, *, enabled: bool):
     return tqdm(total=total, initial=initial, desc="dpo", disable=not enabled or not sys.stderr, dynamic_ncols=True)
 
 
-__all__ = ["DPOConfig", "DPOOutput", "DPOTrainer", "check_output_dir", "set_seed", "weights_fingerprint"]
+__all__ = ["DPOConfig", "DPOOutput", "DPOTrainer", "DistributedTimeout", "check_output_dir", "set_seed",
+           "weights_fingerprint"]

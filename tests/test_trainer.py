@@ -396,10 +396,10 @@ def _run(tmp_path, tokenizer, pairs, crash_at_step=None, **kw):
     if crash_at_step is not None:
         real_step = trainer.optimizer_step
 
-        def step():
+        def step(*args):
             if trainer.global_step + 1 == crash_at_step:
                 raise KeyboardInterrupt("simulated crash")
-            return real_step()
+            return real_step(*args)
 
         trainer.optimizer_step = step
         with pytest.raises(KeyboardInterrupt):
@@ -462,7 +462,7 @@ def test_save_total_limit_and_resume_errors(tmp_path, tokenizer):
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 3]
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.resolve_resume_path(str(tmp_path / "nowhere"), out)
-    with pytest.raises(ValueError, match="trained on 4 pairs"):
+    with pytest.raises(ckpt.CheckpointError, match="num_train_pairs: checkpoint 4, now 3"):
         DPOTrainer(tiny_model(len(tokenizer)), tokenizer, pairs[:3],
                    config=make_config(tmp_path, max_steps=3, resume_from_checkpoint="latest")).train()
 
