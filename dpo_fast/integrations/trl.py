@@ -8,11 +8,13 @@ or patch TRL in place, one line before building the trainer::
 
     import dpo_fast.integrations.trl as fast; fast.patch_trl()
 
-The policy runs its backbone only; `dpo_fast.linear_sequence_logps` turns the last hidden states and
-the lm_head into per-sequence log-probs without materialising the logits, scoring only completion
-tokens, and `dpo_fast.dpo_loss` applies TRL's loss formulas. The loss and the `rewards/*` and `logps/*`
-metrics are TRL's; the diagnostics that need the whole softmax of every token (`entropy`,
-`logits/chosen|rejected`, `mean_token_accuracy`) are not logged.
+The policy runs its backbone only; `dpo_fast.linear_dpo_loss` turns the last hidden states, the lm_head
+and the reference log-probs into TRL's loss without materialising the logits, scoring only completion
+tokens, on the schedule every dpo_fast caller gets (one pass, 6·N·H·V flops, for the pair-separable
+losses). Mixed loss types and `sft` take per-sequence log-probs (`dpo_fast.linear_sequence_logps`) and
+TRL's formulas instead. The reference forward runs without gradient through the forward-only path. The
+loss and the `rewards/*` and `logps/*` metrics are TRL's; the diagnostics that need the whole softmax of
+every token (`entropy`, `logits/chosen|rejected`, `mean_token_accuracy`) are not logged.
 
 Not supported (a clear error at construction): `f_divergence_type` other than reverse KL,
 `use_weighting` (WPO), `ld_alpha` (LD-DPO), MoE router auxiliary losses, vision-language datasets.
@@ -31,7 +33,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("dpo_fast.integrations.trl needs TRL >= 1.16: pip install 'dpo-fast[trl]'") from exc
 
-from ..functional import linear_sequence_logps
+from ..functional import linear_dpo_loss, linear_sequence_logps
 from ..losses import LossConfig, loss_from_logps
 from .hidden import add_hidden_state_forward, last_hidden_state
 
@@ -62,14 +64,66 @@ def _check_supported(trainer) -> None:
         )
 
 
-def _sequence_logps(model, lm_head, model_kwargs, labels):
+def _hidden_states(model, lm_head, model_kwargs):
     # Under autocast the backbone's output may be bf16 while the head is float32: the head's dtype wins.
-    hidden = last_hidden_state(model, model_kwargs).to(lm_head.weight.dtype)
-    return linear_sequence_logps(hidden, lm_head.weight, labels, bias=lm_head.bias)
+    return last_hidden_state(model, model_kwargs).to(lm_head.weight.dtype)
+
+
+def _sequence_logps(model, lm_head, model_kwargs, labels):
+    return linear_sequence_logps(_hidden_states(model, lm_head, model_kwargs), lm_head.weight, labels,
+                                 bias=lm_head.bias)
+
+
+def _reference_logps(trainer, inputs, model_kwargs, labels, lm_head):
+    """TRL's reference log-probs: precomputed, else the reference model's (or the policy's with its adapter
+    disabled) under no_grad, through the forward-only path of `linear_sequence_logps`."""
+    if trainer.precompute_ref_logps:
+        return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    # accelerate wraps the reference's forward in autocast when mixed precision is on; our hidden-state
+    # forward sits above that wrapper, so the same autocast is entered here.
+    with torch.no_grad(), trainer.accelerator.autocast(), _trl_dpo.disable_gradient_checkpointing(
+        trainer.model, trainer.args.gradient_checkpointing_kwargs
+    ):
+        if trainer.ref_model is None:
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            adapter = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
+            context = (_trl_dpo.use_adapter(unwrapped, adapter_name=adapter)
+                       if _trl_dpo.is_peft_model(unwrapped) else contextlib.nullcontext())
+            with context:
+                ref_logps, _ = _sequence_logps(trainer.model, lm_head, model_kwargs, labels)
+        else:
+            ref_head = _base_causal_lm(trainer.accelerator.unwrap_model(trainer.ref_model)).get_output_embeddings()
+            ref_logps, _ = _sequence_logps(trainer.ref_model, ref_head, model_kwargs, labels)
+    return ref_logps.chunk(2)
+
+
+def _loss_config(trainer, loss_type: str) -> LossConfig:
+    smoothing = trainer.label_smoothing if loss_type in _TRL_SMOOTHED else 0.0
+    return LossConfig(beta=trainer.beta, loss_type=loss_type, label_smoothing=smoothing)
+
+
+def _single_loss_config(trainer, labels) -> LossConfig | None:
+    """The LossConfig when `linear_dpo_loss` computes TRL's whole loss in one call, else None.
+
+    None keeps the per-sequence path (`linear_sequence_logps`, then TRL's formulas), whose backward
+    recomputes the logits (8·N·H·V flops instead of the one-pass 6·N·H·V), for what one call cannot express:
+    - several loss types (MPO-style `loss_type=[...]`): one call per type would repeat the vocabulary
+      products; the log-probs are computed once instead and every formula applied to them;
+    - `sft` alone or in a mix: TRL averages the chosen NLL over all the batch's chosen tokens, where
+      `nll_weight` averages it per sequence;
+    - a length-normalised loss (ipo, sigmoid_norm) with a completion of no scored token (truncated away):
+      TRL divides by max(length, 1), `linear_dpo_loss` refuses such a row.
+    """
+    if len(trainer.loss_types) != 1 or trainer.loss_types[0] == "sft":
+        return None
+    config = _loss_config(trainer, trainer.loss_types[0])
+    if config.needs_lengths and not bool(((labels != -100).sum(dim=1) > 0).all()):  # one host sync
+        return None
+    return config
 
 
 def compute_loss(trainer, model, inputs, return_outputs=False):
-    """TRL's `_compute_loss` with dpo_fast's fused linear log-probs (see the module docstring)."""
+    """TRL's `_compute_loss` with dpo_fast's fused linear loss (see the module docstring)."""
     mode = "train" if trainer.model.training else "eval"
     completion_mask = inputs["completion_mask"]
     input_ids = inputs["input_ids"]
@@ -79,45 +133,41 @@ def compute_loss(trainer, model, inputs, return_outputs=False):
     labels[:, :-1] = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
     lm_head = _base_causal_lm(trainer.accelerator.unwrap_model(model)).get_output_embeddings()
 
-    logps, lengths = _sequence_logps(model, lm_head, model_kwargs, labels)
-    chosen_logps, rejected_logps = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
-
-    if trainer.precompute_ref_logps:
-        ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    # The policy's backbone runs before the reference's, as in TRL (same dropout random stream).
+    hidden = _hidden_states(model, lm_head, model_kwargs)
+    ref_chosen, ref_rejected = _reference_logps(trainer, inputs, model_kwargs, labels, lm_head)
+    config = _single_loss_config(trainer, labels)
+    if config is not None:
+        # The schedule every dpo_fast caller gets (`ops.schedule`): one pass for pair-separable losses. Its
+        # log-probs come back detached there; the metrics below need none of their graph.
+        out = linear_dpo_loss(hidden, lm_head.weight, labels, ref_chosen, ref_rejected, bias=lm_head.bias,
+                              beta=config.beta, loss_type=config.loss_type,
+                              label_smoothing=config.label_smoothing)
+        loss = out.loss * trainer.loss_weights[0]
+        chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
     else:
-        # accelerate wraps the reference's forward in autocast when mixed precision is on; our hidden-state
-        # forward sits above that wrapper, so the same autocast is entered here.
-        with torch.no_grad(), trainer.accelerator.autocast(), _trl_dpo.disable_gradient_checkpointing(
-            trainer.model, trainer.args.gradient_checkpointing_kwargs
-        ):
-            if trainer.ref_model is None:
-                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-                adapter = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
-                context = (_trl_dpo.use_adapter(unwrapped, adapter_name=adapter)
-                           if _trl_dpo.is_peft_model(unwrapped) else contextlib.nullcontext())
-                with context:
-                    ref_logps, _ = _sequence_logps(trainer.model, lm_head, model_kwargs, labels)
-            else:
-                ref_head = _base_causal_lm(trainer.accelerator.unwrap_model(trainer.ref_model)).get_output_embeddings()
-                ref_logps, _ = _sequence_logps(trainer.ref_model, ref_head, model_kwargs, labels)
-        ref_chosen, ref_rejected = ref_logps.chunk(2)
+        logps, lengths = linear_sequence_logps(hidden, lm_head.weight, labels, bias=lm_head.bias)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        loss = _combined_loss(trainer, chosen_logps, rejected_logps, ref_chosen, ref_rejected, lengths)
+    _log_metrics(trainer, mode, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+    if return_outputs:
+        return loss, {"chosen_logps": chosen_logps.detach(), "rejected_logps": rejected_logps.detach()}
+    return loss
 
+
+def _combined_loss(trainer, chosen_logps, rejected_logps, ref_chosen, ref_rejected, lengths):
+    """TRL's weighted sum over `loss_types` from per-sequence log-probs."""
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
     loss = 0.0
     for loss_type, weight in zip(trainer.loss_types, trainer.loss_weights):
         if loss_type == "sft":
             loss = loss + weight * (-chosen_logps.sum() / chosen_lengths.sum().clamp(min=1))
             continue
-        smoothing = trainer.label_smoothing if loss_type in _TRL_SMOOTHED else 0.0
-        config = LossConfig(beta=trainer.beta, loss_type=loss_type, label_smoothing=smoothing)
         # TRL clamps the completion lengths of the length-normalised losses to at least 1.
-        out = loss_from_logps(config, chosen_logps, rejected_logps, ref_chosen, ref_rejected,
-                              chosen_lengths=chosen_lengths.clamp(min=1),
+        out = loss_from_logps(_loss_config(trainer, loss_type), chosen_logps, rejected_logps, ref_chosen,
+                              ref_rejected, chosen_lengths=chosen_lengths.clamp(min=1),
                               rejected_lengths=rejected_lengths.clamp(min=1))
         loss = loss + weight * out.loss
-    _log_metrics(trainer, mode, inputs, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
-    if return_outputs:
-        return loss, {"chosen_logps": chosen_logps.detach(), "rejected_logps": rejected_logps.detach()}
     return loss
 
 
