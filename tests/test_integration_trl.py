@@ -129,12 +129,17 @@ def oracle_in_float64(trainer, batch, loss_type, label_smoothing, weight):
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, :-1] = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     kwargs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("ref_")}
     hidden = last_hidden_state(trainer.model, kwargs)
-    with torch.no_grad(), trainer.accelerator.autocast():  # as TRL's reference forward (bf16 on by default)
-        ref_hidden = last_hidden_state(trainer.ref_model, kwargs)
-    out = reference.linear_dpo_loss(hidden, trainer.model.lm_head.weight, labels, ref_hidden=ref_hidden,
-                                    ref_weight=trainer.ref_model.lm_head.weight, beta=trainer.beta,
-                                    loss_type=loss_type, label_smoothing=label_smoothing)
+    if trainer.precompute_ref_logps:
+        reference_kwargs = {"ref_chosen_logps": batch["ref_chosen_logps"],
+                            "ref_rejected_logps": batch["ref_rejected_logps"]}
+    else:
+        with torch.no_grad(), trainer.accelerator.autocast():  # as TRL's reference forward
+            reference_kwargs = {"ref_hidden": last_hidden_state(trainer.ref_model, kwargs),
+                                "ref_weight": trainer.ref_model.lm_head.weight}
+    out = reference.linear_dpo_loss(hidden, trainer.model.lm_head.weight, labels, beta=trainer.beta,
+                                    loss_type=loss_type, label_smoothing=label_smoothing, **reference_kwargs)
     loss = out.loss * weight
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
@@ -142,20 +147,26 @@ def oracle_in_float64(trainer, batch, loss_type, label_smoothing, weight):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("loss_type, smoothing, used_smoothing, weight",
-                         [("sigmoid", 0.1, 0.0, 0.5), ("ipo", 0.0, 0.0, 1.0), ("robust", 0.2, 0.2, 1.0)])
+@pytest.mark.parametrize("loss_type, smoothing, used_smoothing, weight, precompute",
+                         [("sigmoid", 0.1, 0.0, 0.5, False), ("ipo", 0.0, 0.0, 1.0, False),
+                          ("robust", 0.2, 0.2, 1.0, True)])
 def test_single_loss_type_runs_the_one_pass_schedule(tmp_path, monkeypatch, backend, loss_type, smoothing,
-                                                    used_smoothing, weight):
+                                                    used_smoothing, weight, precompute):
     """A pair-separable loss goes through `linear_dpo_loss`'s one-pass schedule (the torch one, which the
     CPU's "auto" picks, and the triton one, the CUDA default, here under TRITON_INTERPRET=1): loss and
     gradients match the float64 oracle with the float32 tolerances, and gradients and metrics match TRL's
     own float32 `_compute_loss` as closely as the per-sequence path did (TRL's float32 loss is itself
     ~2e-5 off the oracle on these 60-90 token sums). TRL's `sigmoid` ignores label_smoothing, ipo
-    is length-normalised, and a loss weight scales the loss."""
+    is length-normalised, a loss weight scales the loss, and reference log-probs come from the reference
+    model or precomputed with the batch."""
     from dpo_fast.integrations import trl as fast
 
-    trainer, batch = build_trainer(tmp_path, loss_type, smoothing, rows=LONG_ROWS, max_length=256,
+    trainer, batch = build_trainer(tmp_path, loss_type, smoothing, precompute, rows=LONG_ROWS, max_length=256,
                                    loss_weights=[weight], bf16=False)
+    if precompute:  # the reference log-probs come with the batch, computed from the initial policy: move it
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     assert (batch["attention_mask"] == 0).any()  # padded
     _, trl_grads, trl_metrics = loss_and_grads(trainer, batch, trl.DPOTrainer._compute_loss)
     fast._prepare(trainer)
