@@ -114,7 +114,8 @@ def check_sequence_lengths(pairs: Sequence[TokenizedPair], model, max_length: in
         for what, limit in limits:
             if longest > limit:
                 raise ValueError(f"pairs[{i}] (dataset row {p.index}) has a sequence of {longest} tokens "
-                                 f"(prompt + completion), more than {what}={limit}; truncate it when tokenizing")
+                                 f"(prompt + completion), more than {what}={limit}; truncate it when tokenizing "
+                                 "(max_length, --max-length on the command line)")
 
 
 def pad_token_id(tokenizer) -> int:
@@ -135,14 +136,13 @@ def _as_tokenized(pairs: Sequence[TokenizedPair | Mapping[str, Any]], tokenizer,
         if isinstance(p, Mapping):
             if tokenizer is None:
                 raise ValueError(f"pairs[{i}] is a raw row: pass the tokenizer to tokenize it, or TokenizedPair rows")
-            from .tokenization import tokenize_pair
+            from .tokenization import tokenize_row
 
-            pair = tokenize_pair(tokenizer, p, max_length=max_length, index=i)
-            if pair is None:
+            outcome = tokenize_row(tokenizer, p, max_length=max_length, index=i)
+            if outcome.pair is None:
                 # Dropping it would shift every later result: scoring needs each row.
-                raise ValueError(f"pairs[{i}] cannot be tokenized into a scorable pair (tokenize_pair dropped it; "
-                                 "tokenize_dataset reports why)")
-            p = pair
+                raise ValueError(f"pairs[{i}] cannot be scored: {outcome.drop_reason} (max_length={max_length})")
+            p = outcome.pair
         if not isinstance(p, TokenizedPair):
             raise TypeError(f"pairs[{i}] must be a TokenizedPair or a raw preference row (a mapping), "
                             f"got {type(p).__name__}")

@@ -430,7 +430,7 @@ class DPOTrainer:
             pairs = list(pairs)
             if self.rank == 0:
                 summary = summarize_data(pairs, stats, max_length=self.config.max_length, load_report=report)
-                print(summary.format().replace("data: training data", f"data: {name}", 1), file=sys.stderr)
+                print(summary.format(), file=sys.stderr)
         # Positions in this list key the reference log-probs; the source row stays in error messages.
         return pairs
 
@@ -996,10 +996,10 @@ class DPOTrainer:
         if window["kl_den"] > 0:
             out["kl"] = window["kl_num"] / window["kl_den"]
         finite = int(window["finite_steps"])
-        if finite < steps:
-            out["skipped_steps"] = steps - finite  # non-finite: left out of every mean here
         if finite == 0:
             out = {k: float("nan") for k in out}
+        if finite < steps:
+            out["skipped_steps"] = steps - finite  # non-finite: left out of every mean here
         out.update({
             "last_step_loss": window["last_step_loss"],
             "grad_norm": window["grad_norm"] / finite if finite else float("nan"),

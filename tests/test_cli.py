@@ -212,12 +212,28 @@ def test_train_end_to_end(tmp_path, model_dir, data_file, capsys):
     assert code == 0
     captured = capsys.readouterr()
     assert "done: 2 steps; loss " in captured.out and "(mean over step 2)" in captured.out
-    assert "model and tokenizer saved in" in captured.out
+    assert "model and tokenizer saved in" in captured.out and "last step's loss " in captured.out
     assert "rows read        6" in captured.err and "pairs kept       6" in captured.err
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
     assert os.path.isfile(out / "final" / "model.safetensors")
     assert os.path.isfile(out / "final" / "tokenizer.json")
     assert os.path.isdir(out / "checkpoint-2")
+    # Every checkpoint holds the tokenizer: `score` loads one as a model directory.
+    scores = tmp_path / "scores.jsonl"
+    assert cli.main(["score", "--model", str(out / "checkpoint-1"), "--ref-model", model_dir, "--data", data_file,
+                     "--max-length", "48", "--n-bootstrap", "10", "--output", str(scores)]) == 0
+    assert len(scores.read_text().splitlines()) == 6
+
+
+def test_pair_logps_refusal_says_why():
+    from dpo_fast.scoring import pair_logps
+
+    tokenizer = make_tokenizer()
+    rows = [{"prompt": "a", "chosen": " yes", "rejected": " no"},
+            {"prompt": "b", "chosen": " same", "rejected": " same"}]
+    reason = "chosen and rejected token ids identical"
+    with pytest.raises(ValueError, match=rf"^pairs\[1\] cannot be scored: {reason} \(max_length=64\)$"):
+        pair_logps(tiny_model(len(tokenizer)), tokenizer, rows, max_length=64)
 
 
 def test_demo_subcommand_is_dispatched_lazily(monkeypatch):
