@@ -8,8 +8,10 @@ gradients are gathered with `full_tensor()` for the comparison.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import checkpoint as ckpt  # noqa: E402
 from dpo_fast.metrics import read_metrics  # noqa: E402
-from dpo_fast.trainer import DPOTrainer  # noqa: E402
+from dpo_fast.trainer import DistributedTimeout, DPOTrainer  # noqa: E402
 
 # Global batch 4: step 1 has 4 pairs (2 per rank); step 2 has 1, so rank 1 has nothing to do: it reduces zero
 # gradients (replicated) or runs a zero-weight filler micro-batch (FSDP, whose collectives need every rank).
@@ -55,8 +57,8 @@ def _two_steps(trainer: DPOTrainer) -> list[dict]:
 def _setup(tmp, per_device: int, name: str, **kw):
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
-    config = make_config(tmp / name, per_device_train_batch_size=per_device, max_steps=2, save_steps=1,
-                         layout="packed", optim="sgd", **kw)
+    kw = {"max_steps": 2, "save_steps": 1, **kw}
+    config = make_config(tmp / name, per_device_train_batch_size=per_device, layout="packed", optim="sgd", **kw)
     return DPOTrainer(tiny_model(vocab, 0), tokenizer, random_pairs(NUM_PAIRS, vocab, seed=21),
                       ref_model=tiny_model(vocab, 1), config=config)
 
@@ -76,6 +78,23 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         fsdp = _setup(tmp, 2, "fsdp", fsdp=True)
         torch.save(_two_steps(fsdp), tmp / f"fsdp_rank{rank}.pt")
         _setup(tmp, 2, "fsdp_train", fsdp=True, precompute_ref=True).train()
+        # Periodic saves by minutes: rank 0's clock, agreed with the step after (flags reduced with the statistics).
+        _setup(tmp, 2, "minutes", max_steps=4, save_steps=0, save_minutes=1e-9).train()
+        # SIGTERM reaching rank 1 only, during step 2 (after that step's flags were taken): step 3 carries it in its
+        # reduced flags, read after step 4, so both ranks stop after step 4 with one checkpoint.
+        stopped = _setup(tmp, 2, "sigterm", max_steps=6, save_steps=0)
+        real_step = stopped.optimizer_step
+
+        def step(loss):
+            if rank == 1 and stopped.global_step + 1 == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(loss)
+
+        stopped.optimizer_step = step
+        try:
+            stopped.train()
+        except ckpt.TrainingInterrupted as e:
+            (tmp / f"stopped{rank}.txt").write_text(str(e))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -120,3 +139,39 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     replicated_final = ckpt.load_safetensors_dir(os.path.join(out, "final"))
     assert fsdp_final.keys() == replicated_final.keys()
     assert_grads_close(fsdp_final, replicated_final, SPLIT_RTOL, "FSDP final weights vs replicated")
+
+    minutes = str(tmp_path / "minutes" / "run")
+    assert [s for s, _ in ckpt.list_checkpoints(minutes)] == [2, 4]
+    stopped = [(tmp_path / f"stopped{r}.txt").read_text() for r in range(2)]
+    sigterm = str(tmp_path / "sigterm" / "run")
+    assert stopped[0].startswith("stopped by SIGTERM after step 4: checkpoint saved in ")
+    assert stopped[1].startswith("stopped by SIGTERM after step 4: ")
+    assert [s for s, _ in ckpt.list_checkpoints(sigterm)] == [4]
+
+
+def _frozen_rank_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    trainer = _setup(Path(tmp), 2, "frozen", ddp_timeout=3)  # a margin for a loaded machine before train()
+    if rank == 1:  # frozen: never reaches the first collective of train(); gone once rank 0 has reported
+        deadline = time.monotonic() + 20
+        while not (Path(tmp) / "timeout.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os._exit(0)
+    try:
+        trainer.train()
+    except DistributedTimeout as e:
+        ckpt.atomic_write_bytes(str(Path(tmp) / "timeout.txt"), str(e).encode())
+    os._exit(0)  # a timed-out process group cannot be torn down cleanly
+
+
+def test_a_frozen_rank_is_an_error_naming_the_rank_after_ddp_timeout(tmp_path):
+    start = time.monotonic()
+    mp.start_processes(_frozen_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    message = (tmp_path / "timeout.txt").read_text()
+    assert message.startswith("rank 0 of 2: a collective waited more than ddp_timeout=3 s at step 1: "), message
+    assert time.monotonic() - start < 30
