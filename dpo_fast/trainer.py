@@ -16,7 +16,16 @@ One optimizer step:
    loss over the step's pairs however they were split: 4 pairs x 1 micro-batch, 1 x 4, 2 ranks x 2, any
    layout. (Losses with a batch statistic, bco_pair and aot*, see only their micro-batch.)
 4. Clip, optimizer step, scheduler step; metrics every logging_steps (summed on the device and read
-   once per logging step), checkpoints every save_steps.
+   once per logging step), checkpoints every save_steps and every save_minutes.
+
+What can go wrong is watched without a per-step host sync: a step whose loss or gradient norm is not finite
+is skipped on the device (the fused optimizer's found_inf) and counted by `TrainingHealth`, read at each
+logging step and before each save; max_nonfinite_steps in a row stop the run (TrainingDiverged), and a
+checkpoint is never written from non-finite weights. A dead gradient or a loss jump is a warning in
+metrics.jsonl and the returned metrics. SIGTERM/SIGINT finish the step in progress, save a checkpoint and
+raise `checkpoint.TrainingInterrupted` (with several processes the stop request is reduced with the step's
+statistics and read a step later, so every rank stops after the same step). A collective that waits longer
+than ddp_timeout raises DistributedTimeout naming the rank.
 
 Gradient checkpointing is on by default (non-reentrant, as in TRL); the reference forward runs without it.
 
