@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import linear_sequence_logps
-from ..losses import DPOOutput, LossConfig, loss_from_logps
+from ..functional import linear_dpo_loss, linear_sequence_logps
+from ..losses import DPOOutput, LossConfig
 from .hidden import add_hidden_state_forward, last_hidden_state
 
 _BATCH_KEYS = {"completion_mask", "labels", "ref_chosen_logps", "ref_rejected_logps"}
@@ -45,13 +45,12 @@ def _unwrap(model):
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
-def _logps(model, inputs: dict, labels: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _hidden_and_head(model, inputs: dict):
     add_hidden_state_forward(_unwrap(model))
     head = _unwrap(model).get_output_embeddings()
     model_kwargs = {k: v for k, v in inputs.items() if k not in _BATCH_KEYS}
     # Under autocast the backbone's output may be bf16 while the head is float32: the head's dtype wins.
-    hidden = last_hidden_state(model, model_kwargs).to(head.weight.dtype)
-    return linear_sequence_logps(hidden, head.weight, labels, bias=head.bias, backend=backend)
+    return last_hidden_state(model, model_kwargs).to(head.weight.dtype), head
 
 
 def compute_dpo_loss(model, inputs: dict, *, ref_model=None, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -59,24 +58,26 @@ def compute_dpo_loss(model, inputs: dict, *, ref_model=None, beta: float = 0.1, 
                      discopop_tau: float = 0.05, backend: str = "auto") -> DPOOutput:
     """DPOOutput for one batch (see the module docstring for the batch's keys).
 
-    Reference log-probs come from `inputs["ref_*_logps"]`, else from `ref_model` under no_grad, else
-    the loss is reference-free.
+    Reference log-probs come from `inputs["ref_*_logps"]`, else from `ref_model` under no_grad (the
+    forward-only path), else the loss is reference-free. The loss is `linear_dpo_loss`'s, on its default
+    schedule (one pass for pair-separable losses, where `chosen_logps`/`rejected_logps` come back detached).
     """
-    config = LossConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, nll_weight=nll_weight,
-                        simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
     rows = inputs["input_ids"].shape[0]
     if rows % 2:
         raise ValueError(f"input_ids must hold 2B rows (B chosen then B rejected), got {rows}")
     labels = aligned_labels(inputs)
-    logps, lengths = _logps(model, inputs, labels, backend)
+    # The policy's backbone runs before the reference's (the order of the dropout random stream).
+    hidden, head = _hidden_and_head(model, inputs)
     ref_chosen, ref_rejected = inputs.get("ref_chosen_logps"), inputs.get("ref_rejected_logps")
     if ref_chosen is None and ref_model is not None:
         with torch.no_grad():
-            ref_logps, _ = _logps(ref_model, inputs, labels, backend)
+            ref_hidden, ref_head = _hidden_and_head(ref_model, inputs)
+            ref_logps, _ = linear_sequence_logps(ref_hidden, ref_head.weight, labels, bias=ref_head.bias,
+                                                 backend=backend)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
-    return loss_from_logps(config, *logps.chunk(2), ref_chosen, ref_rejected,
-                           chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    return linear_dpo_loss(hidden, head.weight, labels, ref_chosen, ref_rejected, bias=head.bias, beta=beta,
+                           loss_type=loss_type, label_smoothing=label_smoothing, nll_weight=nll_weight,
+                           simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, backend=backend)
 
 
 class DPOComputeLoss:
