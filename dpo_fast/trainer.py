@@ -353,6 +353,7 @@ class DPOTrainer:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.metrics: MetricsLogger | None = None
         self.last_lr = 0.0
+        self.step_loss: Tensor | float = 0.0  # the last step's mean loss (`_accumulate_gradients`)
         # One worker lays micro-batches out on the host while the device computes (started on first use).
         self._layout_worker: ThreadPoolExecutor | None = None
 
@@ -452,7 +453,7 @@ class DPOTrainer:
                                            pairs_per_batch=self.config.per_device_train_batch_size,
                                            row_capacity=capacity, pad_id=pad_token_id(self.tokenizer),
                                            seed=self.config.seed)
-        print(f"  layout           {padding_line(self.layout, fraction, batches)}", file=sys.stderr)
+        print(f"layout {padding_line(self.layout, fraction, batches)}", file=sys.stderr)
 
     def _check_pair_sizes(self, pairs: list[TokenizedPair], name: str) -> None:
         budget = self.config.max_tokens_per_batch
@@ -787,7 +788,10 @@ class DPOTrainer:
                 stats += self._batch_stats(loss, rest, ref)
                 counts = [a + b for a, b in zip(counts, self._batch_counts(laid_out, ref))]
         self._all_reduce_gradients()
-        return self._reduced(stats, counts + list(flags))
+        reduced = self._reduced(stats, counts + list(flags))
+        # The step's mean loss, on the device, for `optimizer_step` to watch with the gradient norm.
+        self.step_loss = reduced[0] / reduced[_STAT_KEYS.index("pairs")].clamp(min=1.0)
+        return reduced
 
     def _reduced(self, stats: Tensor, counts: list[float]) -> Tensor:
         """[len(_STAT_KEYS)] float64 on the device: the device sums and the host counts, summed over ranks."""
@@ -835,19 +839,20 @@ class DPOTrainer:
                     dst.copy_(src)
                 bucket, size = [], 0
 
-    def optimizer_step(self, loss: Tensor | float = 0.0) -> Tensor:
+    def optimizer_step(self) -> Tensor:
         """Clip, step, schedule, zero the gradients; returns the gradient norm before clipping, a 0-dim
         tensor on the device (reading it waits for the device: the training loop reads it once per log).
 
-        loss: the step's mean loss. When it or the gradient norm is NaN or infinite the update is skipped on
-        the device (the fused optimizer's found_inf: weights, moments and step count stay as they were) and
-        counted by `self.health`, with no host sync; `self.step_finite` says which (a 0-dim bool tensor)."""
+        When the step's mean loss (`self.step_loss`, left by the forward and backward) or the gradient norm
+        is NaN or infinite, the update is skipped on the device (the fused optimizer's found_inf: weights,
+        moments and step count stay as they were) and counted by `self.health`, with no host sync;
+        `self.step_finite` says which (a 0-dim bool tensor)."""
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
-        self.step_finite = self.health.update(self.global_step + 1, loss, grad_norm)
+        self.step_finite = self.health.update(self.global_step + 1, self.step_loss, grad_norm)
         if self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = (~self.step_finite).to(torch.float32)
         else:
@@ -907,13 +912,12 @@ class DPOTrainer:
                 flags = [float(stop.requested), float(self.rank == 0 and schedule.due(self.global_step + 1))]
                 stats = self._accumulate_gradients(current, flags)
                 stats, flags = stats[:-2], stats[-2:]
-                step_loss = stats[0] / stats[_STAT_KEYS.index("pairs")].clamp(min=1.0)
-                grad_norm = self.optimizer_step(step_loss)
+                grad_norm = self.optimizer_step()
                 self.global_step += 1
                 self.epoch, self.step_in_epoch = following
                 step_values = torch.cat([stats, grad_norm.to(torch.float64).view(1), stats.new_ones(1)])
                 window += torch.where(self.step_finite, step_values, torch.zeros_like(step_values))
-                last_step_loss = step_loss
+                last_step_loss = self.step_loss
                 window_steps += 1
                 progress.update(1)
                 if self.global_step % c.logging_steps == 0 or self.global_step == self.total_steps:

@@ -77,14 +77,14 @@ def test_divergence_warnings_reach_metrics_and_the_returned_summary(tmp_path, to
     trainer = _trainer(tmp_path, tokenizer, max_steps=9, logging_steps=3)
     real_step = trainer.optimizer_step
 
-    def step(loss):
+    def step():
         if trainer.global_step + 1 == 2:
-            loss = loss * 1e4  # a loss that jumps by four orders of magnitude
+            trainer.step_loss = trainer.step_loss * 1e4  # a loss that jumps by four orders of magnitude
         if trainer.global_step + 1 >= 4:
             for p in trainer.model.parameters():
                 if p.grad is not None:
                     p.grad.zero_()  # a dead model: the gradient is exactly 0 from step 4 on
-        return real_step(loss)
+        return real_step()
 
     trainer.optimizer_step = step
     result = trainer.train()
@@ -118,10 +118,10 @@ def test_latest_follows_the_current_run_after_a_rollback(tmp_path, tokenizer):
                         resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
     real_step = rollback.optimizer_step
 
-    def crash_at_step_4(loss):
+    def crash_at_step_4():
         if rollback.global_step + 1 == 4:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(loss)
+        return real_step()
 
     rollback.optimizer_step = crash_at_step_4
     with pytest.raises(KeyboardInterrupt):

@@ -396,10 +396,10 @@ def _run(tmp_path, tokenizer, pairs, crash_at_step=None, **kw):
     if crash_at_step is not None:
         real_step = trainer.optimizer_step
 
-        def step(*args):
+        def step():
             if trainer.global_step + 1 == crash_at_step:
                 raise KeyboardInterrupt("simulated crash")
-            return real_step(*args)
+            return real_step()
 
         trainer.optimizer_step = step
         with pytest.raises(KeyboardInterrupt):
