@@ -139,7 +139,7 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         _ = self.loss_config  # validates the loss fields with the library's own checks
-        positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "max_length",
+        positive_ints = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                          "max_nonfinite_steps", "ddp_timeout")
         for name in positive_ints:
             value = getattr(self, name)
@@ -149,6 +149,9 @@ class DPOConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2 (one prompt and one completion token), "
+                             f"got {self.max_length!r}")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
             raise ValueError(f"max_steps must be -1 (use num_train_epochs) or an integer >= 1, got {self.max_steps!r}")
         if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):

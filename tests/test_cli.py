@@ -88,6 +88,8 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     (["--loss-type", "simpo", "--ref-model", "some/model"], "reference-free"),
     (["--ref-model", "none"], "needs a reference model"),
     (["--config", "/nonexistent/cfg.yaml"], "does not exist"),
+    (["--max-length", "1"], "error: --max-length must be an integer >= 2"),
+    (["--save-minutes", "-1"], "error: --save-minutes must be a finite number >= 0"),
 ])
 def test_bad_configuration_fails_before_loading_anything(tmp_path, capsys, no_training, model_dir, data_file,
                                                          extra, message):

@@ -484,6 +484,10 @@ def test_config_validation_names_the_field():
         "max_steps": dict(max_steps=0),
         "merge_lora": dict(merge_lora=True),
         "max_tokens_per_row": dict(max_length=64, max_tokens_per_row=32),
+        "max_length": dict(max_length=1),
+        "max_nonfinite_steps": dict(max_nonfinite_steps=0),
+        "save_minutes": dict(save_minutes=-1.0),
+        "ddp_timeout": dict(ddp_timeout=0),
     }
     for name, kwargs in cases.items():
         with pytest.raises(ValueError, match=name):
