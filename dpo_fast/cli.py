@@ -18,6 +18,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .commands.sources import CommandError, check_data_path, error_text, resolve_model_source
@@ -258,7 +259,18 @@ def _done_line(trainer, config: DPOConfig, metrics: dict) -> str:
     return f"done: {step} steps; {'; '.join(parts)}; model and tokenizer saved in {final}"
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command line: `warning: <message>`, without the library's file and line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():  # restores showwarning afterwards
+        warnings.showwarning = _one_line_warning
+        return _run_training(parser, args)
+
+
+def _run_training(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
     from .metrics import TrainingDiverged
 

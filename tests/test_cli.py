@@ -282,6 +282,14 @@ def test_resuming_with_another_batch_size_or_data_is_refused_before_loading(tmp_
     err = err[err.index("dpo-fast train: error:"):]  # after the data summary
     assert err.startswith("dpo-fast train: error: cannot resume from ") and "checkpoint-1" in err
     assert "--per-device-train-batch-size: checkpoint 3, now 2" in err and "global_batch: checkpoint 3, now 2" in err
+    monkeypatch.undo()
+    # A changed learning rate is accepted with a one-line warning naming both values; the resume is announced.
+    changed_lr = ["--data", data_file, "--per-device-train-batch-size", "3", "--learning-rate", "1e-3"]
+    assert cli.main(resume + changed_lr) == 0
+    err = capsys.readouterr().err
+    assert "\nwarning: resuming from " in err and "learning_rate: checkpoint 5e-07, now 0.001: ignored" in err
+    assert "resumed from checkpoint-1 (step 1, epoch 0)" in err and "UserWarning" not in err
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     other = tmp_path / "other.jsonl"
     other.write_text("".join(open(data_file).readlines()[:5]))
     err = run_cli_error(resume + ["--data", str(other), "--per-device-train-batch-size", "3"], capsys)
