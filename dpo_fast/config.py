@@ -95,7 +95,8 @@ class DPOConfig:
     save_steps: int = _f(0, "Save a checkpoint every this many optimizer steps; 0 = by save_minutes only.")
     save_minutes: float = _f(
         30.0, "Also save a checkpoint when this many minutes have passed since the last one (so a crash or "
-              "preemption loses at most that much); 0 = off. SIGTERM/SIGINT always save before exiting.")
+              "preemption loses at most that much), replacing the previous such save; 0 = off. SIGTERM/SIGINT "
+              "always save before exiting.")
     save_total_limit: int = _f(0, "Keep at most this many checkpoints (oldest removed first); 0 = keep all.")
     resume_from_checkpoint: str | None = _f(
         None, "Resume from this checkpoint directory, or 'latest' for the newest one in output_dir.")

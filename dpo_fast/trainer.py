@@ -899,7 +899,7 @@ class DPOTrainer:
         last: dict[str, Any] = {}
         # Periodic saves by minutes; save_steps is checked exactly below (every rank knows the step).
         schedule = ckpt.SaveSchedule(0, c.save_minutes)
-        self._flags_in_flight, self._last_save_step = None, -1
+        self._flags_in_flight, self._last_save_step, self._safety_checkpoint = None, -1, None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         upcoming = self._lay_out_step(self.epoch, self.step_in_epoch)
@@ -932,10 +932,12 @@ class DPOTrainer:
                     self._check_health()
                 stop_now, save_due = self._agreed_flags(flags, stop, schedule)
                 saved = None
-                if (c.save_steps and self.global_step % c.save_steps == 0) or save_due or stop_now:
+                by_steps = bool(c.save_steps) and self.global_step % c.save_steps == 0
+                if by_steps or save_due or stop_now:
                     saved = self.save_checkpoint()
                     schedule.saved()
                     self._last_save_step = self.global_step
+                    self._replace_safety_checkpoint(saved, kept=by_steps)
                 if stop_now:
                     progress.close()
                     self.metrics.close()
@@ -951,6 +953,13 @@ class DPOTrainer:
             plot_metrics(self.metrics.history, os.path.join(c.output_dir, CHART_FILE))
         self.metrics.close()
         return {**last, "warnings": list(self.run_warnings)}
+
+    def _replace_safety_checkpoint(self, saved: str, *, kept: bool) -> None:
+        """A checkpoint written by the minutes or a signal, not by save_steps, only guards against losing the
+        run: each newer checkpoint replaces it, so that periodic saves take the disk of one checkpoint."""
+        previous, self._safety_checkpoint = self._safety_checkpoint, None if kept else saved
+        if self.rank == 0 and previous is not None and previous != saved:
+            shutil.rmtree(previous, ignore_errors=True)
 
     def _agreed_flags(self, flags: Tensor, stop: ckpt.StopRequest, schedule: ckpt.SaveSchedule) -> tuple[bool, bool]:
         """(stop, save now) as every rank sees them. One process: this step's, from the host. Several: the

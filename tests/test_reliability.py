@@ -153,7 +153,11 @@ def test_optimizer_state_loads_without_running_code(tmp_path, tokenizer):
 def test_periodic_saves_by_minutes_are_on_by_default(tmp_path, tokenizer):
     assert make_config(tmp_path).save_minutes == 30.0 and make_config(tmp_path).save_steps == 0
     _trainer(tmp_path, tokenizer, max_steps=3, save_minutes=1e-9).train()  # due after every step
-    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "run"))] == [1, 2, 3]
+    # Each one replaces the previous: periodic saves take the disk of one checkpoint.
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "run"))] == [3]
+    # Those of save_steps stay, and replace the periodic one before them.
+    _trainer(tmp_path / "steps", tokenizer, max_steps=5, save_steps=2, save_minutes=1e-9).train()
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "steps" / "run"))] == [2, 4, 5]
 
 
 _SIGTERM_SCRIPT = """
