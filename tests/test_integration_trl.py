@@ -71,11 +71,12 @@ def loss_and_grads(trainer, batch, fn):
     return loss.detach(), grads, metrics
 
 
-@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)])
-def test_same_loss_grads_and_metrics_as_trl(tmp_path, loss_type, smoothing):
+@pytest.mark.parametrize("loss_type, smoothing, dpo_args", [("sigmoid", 0.0, {}), ("ipo", 0.0, {}), ("robust", 0.1, {}),
+                                                          ("discopop", 0.0, {"discopop_tau": 0.2})])
+def test_same_loss_grads_and_metrics_as_trl(tmp_path, loss_type, smoothing, dpo_args):
     from dpo_fast.integrations import trl as fast
 
-    trainer, batch = build_trainer(tmp_path, loss_type, smoothing)
+    trainer, batch = build_trainer(tmp_path, loss_type, smoothing, **dpo_args)
     trl_loss, trl_grads, trl_metrics = loss_and_grads(trainer, batch, trl.DPOTrainer._compute_loss)
     fast._prepare(trainer)
     our_loss, our_grads, our_metrics = loss_and_grads(trainer, batch, fast.compute_loss)
@@ -208,7 +209,8 @@ def test_which_settings_one_loss_call_expresses():
     from dpo_fast.integrations.trl import _single_loss_config
 
     def trainer(*loss_types):
-        return SimpleNamespace(loss_types=list(loss_types), beta=0.2, label_smoothing=0.1)
+        return SimpleNamespace(loss_types=list(loss_types), beta=0.2, label_smoothing=0.1,
+                               args=SimpleNamespace(discopop_tau=0.3))
 
     scored = torch.tensor([[-100, 3, 4], [-100, -100, 5]])
     empty = torch.tensor([[-100, 3, 4], [-100, -100, -100]])  # a completion truncated away
@@ -216,6 +218,7 @@ def test_which_settings_one_loss_call_expresses():
     assert (config.loss_type, config.beta, config.label_smoothing) == ("sigmoid", 0.2, 0.0)  # TRL ignores it
     assert _single_loss_config(trainer("robust"), scored).label_smoothing == 0.1
     assert _single_loss_config(trainer("ipo"), scored).loss_type == "ipo"
+    assert _single_loss_config(trainer("discopop"), scored).discopop_tau == 0.3  # TRL's DPOConfig.discopop_tau
     # TRL divides by max(length, 1) where linear_dpo_loss refuses an empty row: the per-sequence path.
     assert _single_loss_config(trainer("ipo"), empty) is None
     assert _single_loss_config(trainer("sft"), scored) is None

@@ -99,7 +99,8 @@ def _reference_logps(trainer, inputs, model_kwargs, labels, lm_head):
 
 def _loss_config(trainer, loss_type: str) -> LossConfig:
     smoothing = trainer.label_smoothing if loss_type in _TRL_SMOOTHED else 0.0
-    return LossConfig(beta=trainer.beta, loss_type=loss_type, label_smoothing=smoothing)
+    return LossConfig(beta=trainer.beta, loss_type=loss_type, label_smoothing=smoothing,
+                      discopop_tau=trainer.args.discopop_tau)
 
 
 def _single_loss_config(trainer, labels) -> LossConfig | None:
@@ -142,7 +143,7 @@ def compute_loss(trainer, model, inputs, return_outputs=False):
         # log-probs come back detached there; the metrics below need none of their graph.
         out = linear_dpo_loss(hidden, lm_head.weight, labels, ref_chosen, ref_rejected, bias=lm_head.bias,
                               beta=config.beta, loss_type=config.loss_type,
-                              label_smoothing=config.label_smoothing)
+                              label_smoothing=config.label_smoothing, discopop_tau=config.discopop_tau)
         loss = out.loss * trainer.loss_weights[0]
         chosen_logps, rejected_logps = out.chosen_logps, out.rejected_logps
     else:
