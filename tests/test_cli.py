@@ -227,6 +227,18 @@ def test_train_end_to_end(tmp_path, model_dir, data_file, capsys):
     assert len(scores.read_text().splitlines()) == 6
 
 
+def test_a_diverging_run_exits_1_naming_the_step(tmp_path, model_dir, data_file, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", model_dir, "--data", data_file, "--output-dir", str(out), "--max-steps", "8",
+                     "--per-device-train-batch-size", "3", "--max-length", "48", "--learning-rate", "1e20",
+                     "--warmup-ratio", "0", "--max-nonfinite-steps", "2", "--no-report-to-tensorboard",
+                     "--dtype", "float32"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "dpo-fast train: error: stopped at step 3: 2 consecutive steps had a non-finite loss" in err
+    assert not (out / "final").exists()
+
+
 def test_pair_logps_refusal_says_why():
     from dpo_fast.scoring import pair_logps
 
