@@ -4,7 +4,7 @@ Modes:
   linear: from hidden states and the lm_head weight (`linear_dpo_loss`), gradients of both.
   fused:  from logits (`fused_dpo_loss`), gradient of the logits.
 
-Implementations: naive (`dpo_fast.reference` with dtype=None: full logits and log_softmax in the
+Implementations: naive (`dpo_fast.oracle` with dtype=None: full logits and log_softmax in the
 input dtype, what TRL did before fusing), the torch backend (public function, and each schedule on
 its own: recompute, one-pass with one or two scratch buffers), the triton backend (CUDA only), and,
 when installed, Liger-Kernel's `LigerFusedLinearDPOLoss`, TRL's `selective_log_softmax` path (full logits),
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import dpo_fast  # noqa: E402
-from dpo_fast import ops, reference  # noqa: E402
+from dpo_fast import ops, oracle  # noqa: E402
 from dpo_fast.functional import _finish, _FlatHidden  # noqa: E402
 from dpo_fast.losses import LossConfig  # noqa: E402
 from dpo_fast.ops import schedule, torch_one_pass  # noqa: E402
@@ -81,7 +81,7 @@ def linear_impls(inp: dict, device: torch.device, beta: float) -> dict[str, Call
     v = w.shape[0]
 
     def naive():
-        _backward(reference.linear_dpo_loss(h, w, y, rc, rr, beta=beta, dtype=None).loss, h, w)
+        _backward(oracle.linear_dpo_loss(h, w, y, rc, rr, beta=beta, dtype=None).loss, h, w)
 
     def torch_public():
         _backward(dpo_fast.linear_dpo_loss(h, w, y, rc, rr, beta=beta, backend="torch").loss, h, w)
@@ -228,7 +228,7 @@ def _trl_linear(h, w, y, rc, rr, beta) -> Callable[[], None]:
 def fused_impls(logits: torch.Tensor, inp: dict, device: torch.device, beta: float) -> dict[str, Callable[[], None]]:
     y, rc, rr = inp["labels"], inp["ref_c"], inp["ref_r"]
     impls = {
-        "naive": lambda: _backward(reference.fused_dpo_loss(logits, y, rc, rr, beta=beta, dtype=None).loss, logits),
+        "naive": lambda: _backward(oracle.fused_dpo_loss(logits, y, rc, rr, beta=beta, dtype=None).loss, logits),
         "torch (fused_dpo_loss)": lambda: _backward(
             dpo_fast.fused_dpo_loss(logits, y, rc, rr, beta=beta, backend="torch").loss, logits),
     }
@@ -471,7 +471,7 @@ def main(argv=None) -> int:
         "roofline, roofline_fraction (in the JSON) its inverse.",
         "beyond the inputs' gradients: peak extra MB minus the gradients of hidden and weight (linear) or of the "
         "logits (fused), in the input dtype.",
-        "naive = dpo_fast.reference with dtype=None (full logits and log_softmax in the input dtype).",
+        "naive = dpo_fast.oracle with dtype=None (full logits and log_softmax in the input dtype).",
     ]
     json_path, md_path = common.write_results("loss", device, config, records,
                                               extra={"rates": rates, "roofline_ms": roofline},

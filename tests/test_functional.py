@@ -1,4 +1,4 @@
-"""The public API on the torch backend against the float64 oracle (`dpo_fast.reference`).
+"""The public API on the torch backend against the float64 oracle (`dpo_fast.oracle`).
 
 Triton backends have their own test modules that reuse the same oracle.
 """
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import reference
+from dpo_fast import oracle
 from tests.helpers import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -52,7 +52,7 @@ def test_fused_dpo_loss_forward_and_grad(dtype, b, t, v, h):
     out = dpo_fast.fused_dpo_loss(logits, labels, rc, rr, backend="torch")
     (grad,) = torch.autograd.grad(out.loss, logits)
     x64 = logits.detach().double().requires_grad_(True)
-    exp = reference.fused_dpo_loss(x64, labels, rc.double(), rr.double())
+    exp = oracle.fused_dpo_loss(x64, labels, rc.double(), rr.double())
     (grad64,) = torch.autograd.grad(exp.loss, x64)
     assert grad.dtype == dtype
     assert_close(out.chosen_logps, exp.chosen_logps, torch.float32, "chosen_logps")
@@ -75,7 +75,7 @@ def test_every_loss_type_fused_and_linear(kind):
         # A reference close to the policy, as at the start of training, keeps every loss in its
         # sensitive region (hinge inside its margin, sppo_hard near its targets).
         with torch.no_grad():
-            start = reference.linear_dpo_loss(hidden, weight, labels, bias=bias, dtype=None)
+            start = oracle.linear_dpo_loss(hidden, weight, labels, bias=bias, dtype=None)
         g = torch.Generator().manual_seed(5)
         rc = start.chosen_logps + torch.randn(b, generator=g)
         rr = start.rejected_logps + torch.randn(b, generator=g)
@@ -84,7 +84,7 @@ def test_every_loss_type_fused_and_linear(kind):
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
     rc64 = None if rc is None else rc.double()
     rr64 = None if rr is None else rr.double()
-    exp = reference.linear_dpo_loss(leaves[0], leaves[1], labels, rc64, rr64, bias=leaves[2], **kw)
+    exp = oracle.linear_dpo_loss(leaves[0], leaves[1], labels, rc64, rr64, bias=leaves[2], **kw)
     grads64 = torch.autograd.grad(exp.loss, leaves)
     assert_close(out.losses, exp.losses, torch.float32, "losses")
     assert_close(out.chosen_rewards, exp.chosen_rewards, torch.float32, "chosen_rewards")
@@ -140,7 +140,7 @@ def test_ref_hidden_in_the_same_call():
     weight, ref_weight = torch.randn(v, h), torch.randn(v, h)
     out = dpo_fast.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                    backend="torch")
-    exp = reference.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    exp = oracle.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
     assert_close(out.losses, exp.losses, torch.float32, "losses")
     assert_close(out.chosen_rewards, exp.chosen_rewards, torch.float32, "chosen_rewards")
 
@@ -152,7 +152,7 @@ def test_sequence_logps(average):
     labels = make_labels(2, 19, 301, seed=0)[:4]
     labels = torch.cat([labels, torch.full((1, 19), -100)])  # an odd row count is fine here
     got = dpo_fast.sequence_logps(logits, labels, average=average, backend="torch")
-    exp = reference.sequence_logps(logits, labels, average=average)
+    exp = oracle.sequence_logps(logits, labels, average=average)
     assert got.dtype == torch.float32
     assert_close(got, exp, torch.float32, "sequence_logps")
     assert float(got[-1]) == 0.0
@@ -241,7 +241,7 @@ def test_linear_sequence_logps_rows_and_packed():
     weight = torch.randn(77, 12, requires_grad=True)
     labels = make_labels(2, 10, 77, seed=6)[:3]
     logps, lengths = dpo_fast.linear_sequence_logps(hidden, weight, labels, backend="torch")
-    exp = reference.sequence_logps(hidden.double() @ weight.double().T, labels)
+    exp = oracle.sequence_logps(hidden.double() @ weight.double().T, labels)
     assert_close(logps, exp, torch.float32, "logps")
     assert lengths.tolist() == (labels != -100).sum(-1).tolist()
     (g,) = torch.autograd.grad(logps.sum(), hidden)
@@ -252,7 +252,7 @@ def test_linear_sequence_logps_rows_and_packed():
     lab = torch.randint(0, 77, (6,))
     h = torch.randn(6, 12)
     logps, lengths = dpo_fast.linear_sequence_logps(h, weight, lab, segment_ids=seg, backend="torch")
-    exp, exp_len = reference.packed_sequence_logps(h @ weight.T, lab, seg, 3)
+    exp, exp_len = oracle.packed_sequence_logps(h @ weight.T, lab, seg, 3)
     assert_close(logps, exp, torch.float32, "packed logps")
     assert lengths.tolist() == exp_len.tolist() == [2, 1, 2]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from dpo_fast import dpo_loss, linear_sequence_logps, reference
+from dpo_fast import dpo_loss, linear_sequence_logps, oracle
 from dpo_fast.integrations.hf import DPOComputeLoss, aligned_labels, compute_dpo_loss
 from dpo_fast.ops import schedule
 from tests.helpers import assert_close
@@ -33,7 +33,7 @@ def batch(b=2, length=9, seed=0):
 def naive_logps(model, inputs):
     labels = aligned_labels(inputs)
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    return reference.sequence_logps(logits, labels)
+    return oracle.sequence_logps(logits, labels)
 
 
 def test_matches_naive_dpo_with_reference_model():
@@ -98,7 +98,7 @@ def test_pair_separable_loss_runs_the_one_pass_schedule(monkeypatch, backend, lo
         ref_hidden = ref.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
         # What the drop-in computes from the reference model (its forward-only path), or what a user precomputed.
         ref_logps, _ = linear_sequence_logps(ref_hidden, ref.lm_head.weight, labels, backend=backend)
-        exact = reference.sequence_logps(ref_hidden.double() @ ref.lm_head.weight.double().T, labels)
+        exact = oracle.sequence_logps(ref_hidden.double() @ ref.lm_head.weight.double().T, labels)
         assert_close(ref_logps, exact, torch.float32, "ref_logps")
     if precomputed:
         inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = ref_logps.chunk(2)
@@ -107,7 +107,7 @@ def test_pair_separable_loss_runs_the_one_pass_schedule(monkeypatch, backend, lo
     assert picked == [schedule.TORCH_ONE_PASS if backend == "torch" else schedule.TRITON_ONE_PASS]
 
     hidden = policy2.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-    logps = reference.sequence_logps(hidden.double() @ policy2.lm_head.weight.double().T, labels)
+    logps = oracle.sequence_logps(hidden.double() @ policy2.lm_head.weight.double().T, labels)
     ours = torch.cat([out.chosen_logps, out.rejected_logps])
     assert_close(ours, logps, torch.float32, "sequence logps")
     logps = logps + (ours.double() - logps).detach()  # value: ours; gradient: the float64 oracle's

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from datasets import Dataset  # noqa: E402
 
-from dpo_fast import functional, reference  # noqa: E402
+from dpo_fast import functional, oracle  # noqa: E402
 from dpo_fast.ops import schedule  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 from tests.tiny_tokenizer import WORDS, make_tokenizer  # noqa: E402
@@ -120,7 +120,7 @@ def spy_schedules(monkeypatch):
 
 
 def oracle_in_float64(trainer, batch, loss_type, label_smoothing, weight):
-    """Loss and gradients with the head and the loss in float64 (`reference.linear_dpo_loss`: full logits)
+    """Loss and gradients with the head and the loss in float64 (`oracle.linear_dpo_loss`: full logits)
     from the drop-in's own float32 hidden states, TRL's settings spelled out here; the backbones' backward
     stays float32, as in the drop-in."""
     from dpo_fast.integrations.hidden import last_hidden_state
@@ -139,7 +139,7 @@ def oracle_in_float64(trainer, batch, loss_type, label_smoothing, weight):
         with torch.no_grad(), trainer.accelerator.autocast():  # as TRL's reference forward
             reference_kwargs = {"ref_hidden": last_hidden_state(trainer.ref_model, kwargs),
                                 "ref_weight": trainer.ref_model.lm_head.weight}
-    out = reference.linear_dpo_loss(hidden, trainer.model.lm_head.weight, labels, beta=trainer.beta,
+    out = oracle.linear_dpo_loss(hidden, trainer.model.lm_head.weight, labels, beta=trainer.beta,
                                     loss_type=loss_type, label_smoothing=label_smoothing, **reference_kwargs)
     loss = out.loss * weight
     loss.backward()

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_fast import ops
-from dpo_fast import reference as ref
+from dpo_fast import ops, oracle
 from dpo_fast.functional import _FlatHidden, linear_dpo_loss
 from dpo_fast.losses import LENGTH_NORMALISED, LOSS_TYPES, PAIR_SEPARABLE, REFERENCE_FREE, LossConfig
 from dpo_fast.ops import schedule, torch_one_pass
@@ -86,7 +85,7 @@ def _case(seed: int, loss_type: str, dtype: torch.dtype, *, b=3, t=19, h=13, v=4
         # A reference close to the policy, as at the start of training, keeps every loss in its sensitive
         # region (hinge inside its margin, sppo_hard near its targets): no gradient is trivially zero.
         with torch.no_grad():
-            start = ref.linear_dpo_loss(hidden, weight, labels, bias=bias)
+            start = oracle.linear_dpo_loss(hidden, weight, labels, bias=bias)
         ref_c = start.chosen_logps + torch.randn(b, generator=g, dtype=torch.float64)
         ref_r = start.rejected_logps + torch.randn(b, generator=g, dtype=torch.float64)
     kwargs = dict(beta=0.3, loss_type=loss_type, **LOSS_KWARGS.get(loss_type, {}))
@@ -130,14 +129,14 @@ def _check_against_reference(out, inputs, reference_inputs, ref_c, ref_r, kwargs
     (out.loss * grad_scale).backward()
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in reference_inputs[:3])
     labels = reference_inputs[3]
-    want = ref.linear_dpo_loss(h64, w64, labels, ref_c, ref_r, bias=b64, segment_ids=segment_ids, **kwargs)
+    want = oracle.linear_dpo_loss(h64, w64, labels, ref_c, ref_r, bias=b64, segment_ids=segment_ids, **kwargs)
     (want.loss * grad_scale).backward()
     forward_dtype = dtype
     if dtype in ROUNDED_LOGITS_FORWARD:
         # The forward values are compared with the reference on logits rounded as the lm_head rounds them.
         with torch.no_grad():
             logits = (h64 @ w64.T + b64).to(dtype).double()
-        want = ref.fused_dpo_loss(logits, labels, ref_c, ref_r, segment_ids=segment_ids, **kwargs)
+        want = oracle.fused_dpo_loss(logits, labels, ref_c, ref_r, segment_ids=segment_ids, **kwargs)
         forward_dtype = ROUNDED_LOGITS_FORWARD[dtype]
     for name in ("loss", "losses", "chosen_logps", "rejected_logps"):
         _allclose(name, getattr(out, name), getattr(want, name), forward_dtype)
@@ -235,7 +234,7 @@ def test_only_hidden_needs_grad():
     out = _one_pass(h, weight, bias, labels, ref_c, ref_r, **kwargs)
     out.loss.backward()
     h64 = hidden.clone().requires_grad_()
-    ref.linear_dpo_loss(h64, weight, labels, ref_c, ref_r, bias=bias, **kwargs).loss.backward()
+    oracle.linear_dpo_loss(h64, weight, labels, ref_c, ref_r, bias=bias, **kwargs).loss.backward()
     _allclose("dhidden", h.grad, h64.grad, torch.float64)
 
 
@@ -245,7 +244,7 @@ def test_no_grad_gives_log_probs_only():
     with torch.no_grad():
         out = _one_pass(*leaves, labels, ref_c, ref_r, **kwargs)
     assert not out.loss.requires_grad
-    want = ref.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, **kwargs)
+    want = oracle.linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, bias=bias, **kwargs)
     tol = torch.float64
     _allclose("loss", out.loss, want.loss, tol)
     _allclose("chosen_logps", out.chosen_logps, want.chosen_logps, tol)
@@ -261,7 +260,7 @@ def test_public_function_with_ref_hidden_matches_reference():
                           **kwargs)
     out.loss.backward()
     h64, w64, b64 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    want = ref.linear_dpo_loss(h64, w64, labels, bias=b64, ref_hidden=ref_hidden, **kwargs)
+    want = oracle.linear_dpo_loss(h64, w64, labels, bias=b64, ref_hidden=ref_hidden, **kwargs)
     want.loss.backward()
     # The reference log-probs from ref_hidden come out of the recompute schedule in float32.
     tol = torch.float32

@@ -1,7 +1,7 @@
 """The two-pass Triton schedule (`dpo_fast.ops.triton_linear`) against the float64 reference.
 
 Every case draws hidden, weight and bias in the dtype under test and gives the reference
-(`dpo_fast.reference.token_logps` on full float64 logits) those exact values upcast to float64.
+(`dpo_fast.oracle.token_logps` on full float64 logits) those exact values upcast to float64.
 
 Tolerances (`_bounds`) follow what the schedule does, element by element:
   - The logits are a cuBLAS/torch product in the input dtype, so each carries one rounding: at most
@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpo_fast  # noqa: E402
-from dpo_fast import reference  # noqa: E402
+from dpo_fast import oracle  # noqa: E402
 from dpo_fast.losses import LOSS_TYPES  # noqa: E402
 from dpo_fast.ops import schedule, triton_linear, triton_one_pass  # noqa: E402
 from tests.helpers import assert_within  # noqa: E402
@@ -98,7 +98,7 @@ def _check(hidden, weight, bias, labels, grad, dtype, *, chunks=1):
     ref = [t.detach().cpu().double().requires_grad_(True) for t in params]
     logits = ref[0] @ ref[1].T + (ref[2] if bias is not None else 0)
     labels, grad = labels.cpu(), grad.cpu()
-    expected = reference.token_logps(logits, labels, ignore_index=IGNORE)
+    expected = oracle.token_logps(logits, labels, ignore_index=IGNORE)
     expected.backward(grad.double())
     assert bool((out[labels.to(out.device) == IGNORE] == 0).all()), "ignored tokens must give exactly 0"
 
@@ -185,7 +185,7 @@ def test_ignore_index_that_is_a_vocab_id():
     out = triton_linear.linear_token_logps(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE),
                                            bias=bias.to(DEVICE), ignore_index=0)
     logits = hidden.double() @ weight.double().T + bias.double()
-    expected = reference.token_logps(logits, labels, ignore_index=0)
+    expected = oracle.token_logps(logits, labels, ignore_index=0)
     assert_within("logps", out.cpu(), expected, 1e-5 * expected.abs() + 1e-5)
 
 
@@ -213,7 +213,7 @@ def test_strided_hidden_and_partial_requires_grad():
     out = triton_linear.linear_token_logps(h, w, labels.to(DEVICE), bias=b)
     out.backward(grad.to(DEVICE))
     ref = [t.double().requires_grad_(True) for t in (hidden, bias)]
-    expected = reference.token_logps(ref[0] @ weight.double().T + ref[1], labels, ignore_index=IGNORE)
+    expected = oracle.token_logps(ref[0] @ weight.double().T + ref[1], labels, ignore_index=IGNORE)
     expected.backward(grad.double())
     assert_within("logps", out.cpu(), expected.detach(), 1e-5 * expected.detach().abs() + 1e-5)
     scale_h, scale_b = ref[0].grad.abs().max(), ref[1].grad.abs().max()
@@ -230,7 +230,7 @@ def test_no_grad_runs_the_forward_only(monkeypatch):
     with torch.no_grad():
         out = triton_linear.linear_token_logps(hidden.requires_grad_(), weight, labels, bias=bias)
     assert out.grad_fn is None and not out.requires_grad
-    expected = reference.token_logps(hidden.double() @ weight.double().T + bias.double(), labels,
+    expected = oracle.token_logps(hidden.double() @ weight.double().T + bias.double(), labels,
                                      ignore_index=IGNORE)
     assert_within("logps", out, expected, 1e-5 * expected.abs() + 1e-5)
 
@@ -387,7 +387,7 @@ def test_reference_log_probs_from_ref_hidden_run_forward_only(monkeypatch):
     out = _public(leaves, labels, None, None, kwargs, ref_hidden=ref_hidden)
     with torch.no_grad():
         # The reference head has no bias unless ref_bias is passed.
-        ref_out = reference.linear_dpo_loss(ref_hidden.double(), weight.double(), labels, **kwargs)
+        ref_out = oracle.linear_dpo_loss(ref_hidden.double(), weight.double(), labels, **kwargs)
     # The reference log-probs the call derived from ref_hidden, read back from the rewards.
     beta = kwargs["beta"]
     _allclose("ref_chosen_logps", out.chosen_logps - out.chosen_rewards / beta, ref_out.chosen_logps, torch.float32)

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpo_fast  # noqa: E402
-from dpo_fast import reference  # noqa: E402
+from dpo_fast import oracle  # noqa: E402
 from dpo_fast.ops import triton_logps  # noqa: E402
 from tests.helpers import assert_within  # noqa: E402
 
@@ -71,7 +71,7 @@ def _make(n: int, v: int, dtype: torch.dtype, seed: int, ignore_frac: float = 0.
 
 def _reference(logits: torch.Tensor, labels: torch.Tensor, g: torch.Tensor):
     x = logits.detach().double().requires_grad_()
-    out = reference.token_logps(x, labels, ignore_index=IGNORE)
+    out = oracle.token_logps(x, labels, ignore_index=IGNORE)
     out.backward(g.double())
     return out.detach(), x.grad
 
@@ -143,7 +143,7 @@ def test_other_ignore_index_and_int32_labels():
     out = triton_logps.token_logps(x, labels.int(), ignore_index=0)
     out.backward(g)
     xr = logits.double().requires_grad_()
-    ref = reference.token_logps(xr, labels, ignore_index=0)
+    ref = oracle.token_logps(xr, labels, ignore_index=0)
     ref.backward(g.double())
     assert torch.equal(out[labels == 0], torch.zeros_like(out[labels == 0]))
     assert_within("logps", out, ref.detach(), 1e-5 + 1e-5 * ref.detach().abs())
@@ -296,7 +296,7 @@ def test_sequence_logps_api(dtype, average):
     w = torch.linspace(-1, 2, out.shape[0], device=DEVICE)
     (out * w).sum().backward()
     xr = logits.double().requires_grad_()
-    ref = reference.sequence_logps(xr, labels, average=average)
+    ref = oracle.sequence_logps(xr, labels, average=average)
     (ref * w.double()).sum().backward()
     assert out.dtype == torch.float32
     # A sum of <= 13 token log-probs, each within 1e-5 relative of |lse| ~ 10.
@@ -322,7 +322,7 @@ def test_fused_dpo_loss_api(dtype, loss_type, form):
     out = dpo_fast.fused_dpo_loss(x, lab, ref_c, ref_r, segment_ids=seg, backend="triton", **kwargs)
     out.loss.backward()
     xr = inputs.double().requires_grad_()
-    ref = reference.fused_dpo_loss(xr, lab, ref_c, ref_r, segment_ids=seg, **kwargs)
+    ref = oracle.fused_dpo_loss(xr, lab, ref_c, ref_r, segment_ids=seg, **kwargs)
     ref.loss.backward()
     assert_within("chosen_logps", out.chosen_logps, ref.chosen_logps.detach(),
                   1e-4 + 1e-5 * ref.chosen_logps.detach().abs())
