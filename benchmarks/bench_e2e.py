@@ -359,9 +359,9 @@ def _import_up_front(contender: str) -> None:
     names = [
         "transformers",
         "matplotlib.pyplot",
-        "dpo_fast.functional",
-        "dpo_fast.ops.torch_logps",
-        "dpo_fast.ops.torch_one_pass",
+        "dpo_fast.loss.functional",
+        "dpo_fast.loss.ops.torch_logps",
+        "dpo_fast.loss.ops.torch_one_pass",
     ]
     names += (
         ["trl", "datasets"]

@@ -4,7 +4,7 @@ Modes:
   linear: from hidden states and the lm_head weight (`linear_dpo_loss`), gradients of both.
   fused:  from logits (`fused_dpo_loss`), gradient of the logits.
 
-Implementations: naive (`dpo_fast.oracle` with dtype=None: full logits and log_softmax in the
+Implementations: naive (`dpo_fast.loss.oracle` with dtype=None: full logits and log_softmax in the
 input dtype, what TRL did before fusing), the torch backend (public function, and each schedule on
 its own: recompute, one-pass with one or two scratch buffers), the triton backend (CUDA only), and,
 when installed, Liger-Kernel's `LigerFusedLinearDPOLoss`, TRL's `selective_log_softmax` path (full logits),
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import dpo_fast  # noqa: E402
-from dpo_fast import ops, oracle  # noqa: E402
-from dpo_fast.functional import _finish, _FlatHidden  # noqa: E402
-from dpo_fast.losses import LossConfig  # noqa: E402
-from dpo_fast.ops import schedule, torch_one_pass  # noqa: E402
+from dpo_fast.loss import ops, oracle  # noqa: E402
+from dpo_fast.loss.formulas import LossConfig  # noqa: E402
+from dpo_fast.loss.functional import _finish, _FlatHidden  # noqa: E402
+from dpo_fast.loss.ops import schedule, torch_one_pass  # noqa: E402
 
 IGNORE = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -471,7 +471,7 @@ def main(argv=None) -> int:
         "roofline, roofline_fraction (in the JSON) its inverse.",
         "beyond the inputs' gradients: peak extra MB minus the gradients of hidden and weight (linear) or of the "
         "logits (fused), in the input dtype.",
-        "naive = dpo_fast.oracle with dtype=None (full logits and log_softmax in the input dtype).",
+        "naive = dpo_fast.loss.oracle with dtype=None (full logits and log_softmax in the input dtype).",
     ]
     json_path, md_path = common.write_results("loss", device, config, records,
                                               extra={"rates": rates, "roofline_ms": roofline},

@@ -4,9 +4,9 @@ Importing this package has no side effects: no Triton import, no compilation, no
 """
 
 from .config import DPOConfig
-from .functional import fused_dpo_loss, linear_dpo_loss, linear_sequence_logps, sequence_logps
-from .losses import LOSS_TYPES, DPOOutput, LossConfig, dpo_loss
-from .modules import DPOLoss
+from .loss.formulas import LOSS_TYPES, DPOOutput, LossConfig, dpo_loss
+from .loss.functional import fused_dpo_loss, linear_dpo_loss, linear_sequence_logps, sequence_logps
+from .loss.modules import DPOLoss
 from .trainer import DPOTrainer
 
 __version__ = "0.1.0"

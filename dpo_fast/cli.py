@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from .commands.sources import CommandError, check_data_path, error_text, resolve_model_source
 from .config import DPOConfig, coerce_field, field_type
-from .losses import LOSS_TYPES, REFERENCE_FREE
+from .loss.formulas import LOSS_TYPES, REFERENCE_FREE
 
 NO_REFERENCE = "none"
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .losses import REFERENCE_FREE, LossConfig
+from .loss.formulas import REFERENCE_FREE, LossConfig
+from .loss.validation import BACKENDS
 from .pairs import LAYOUTS
-from .validation import BACKENDS
 
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw_torch", "sgd")

@@ -3,7 +3,7 @@
 `pair_logps` is what precomputes reference log-probs or scores a preference set: it groups pairs into
 batches under a token budget, lays each batch out (`dpo_fast.layouts`), runs the model's backbone to its
 last hidden states with the layout's attention mask and position ids (`dpo_fast.attention.model_inputs`),
-and scores only the labelled positions with `dpo_fast.ops.linear_token_logps`, one vocabulary tile at a time.
+and scores only the labelled positions with `dpo_fast.loss.ops.linear_token_logps`, one vocabulary tile at a time.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
 from .attention import attention_for, attention_implementation, model_inputs, row_multiple, uses_dense_mask
 from .layouts import build_batch, check_layout, group_pairs, unit_lengths
+from .loss import ops
+from .loss.validation import resolve_backend
 from .pairs import IGNORE_INDEX, TokenizedPair
-from .validation import resolve_backend
 
 # Rows of the softcapped head's logit tile (that head is not linear, so it materialises [chunk, V]).
 SOFTCAP_CHUNK_TOKENS = 256

@@ -72,9 +72,9 @@ from .attention import (
 )
 from .config import DPOConfig
 from .data_summary import layout_padding, padding_line, summarize_data
-from .functional import linear_dpo_loss
 from .layouts import build_batch, unit_lengths
-from .losses import DPOOutput, loss_from_logps
+from .loss.formulas import DPOOutput, loss_from_logps
+from .loss.functional import linear_dpo_loss
 from .metrics import (
     CHART_FILE,
     METRICS_FILE,

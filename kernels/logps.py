@@ -18,7 +18,7 @@ of logits that cuBLAS just wrote in the linear schedules), so they are built for
   bytes in flight, so the forward keeps both reductions and lets the other programs cover the barriers.
 - Streaming loads are `evict_first`: a row is read once per pass and the buffer (hundreds of MB) is far
   larger than L2, so keeping it there would only evict the small vectors.
-- The launcher (`dpo_fast/ops/triton_logps.py`) picks BLOCK_V and num_warps so each thread holds four
+- The launcher (`dpo_fast/loss/ops/triton_logps.py`) picks BLOCK_V and num_warps so each thread holds four
   128-bit vectors per tile. Loads and stores are 128-bit only when Triton sees V and the row stride
   divisible by 16 (true of the usual vocabularies, 32000/128256/151936/262144; the sm_90 PTX is checked
   by tests/test_triton_logps.py); a ragged vocabulary (50257, 32003) falls back to narrower accesses,

@@ -185,7 +185,7 @@ def test_strict_stops_at_the_first_malformed_row(tmp_path, capsys, no_training, 
 
 
 def test_loss_type_help_lists_the_choices():
-    from dpo_fast.losses import LOSS_TYPES
+    from dpo_fast.loss.formulas import LOSS_TYPES
 
     train = cli.build_parser(["train"])._subparsers._group_actions[0].choices["train"]
     action = next(a for a in train._actions if "--loss-type" in a.option_strings)

@@ -1,4 +1,4 @@
-"""The public API on the torch backend against the float64 oracle (`dpo_fast.oracle`).
+"""The public API on the torch backend against the float64 oracle (`dpo_fast.loss.oracle`).
 
 Triton backends have their own test modules that reuse the same oracle.
 """
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpo_fast
-from dpo_fast import oracle
+from dpo_fast.loss import oracle
 from tests.helpers import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

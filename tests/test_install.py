@@ -8,7 +8,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from dpo_fast import validation
+from dpo_fast.loss import validation
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 import transformers
 
-from dpo_fast import dpo_loss, linear_sequence_logps, oracle
+from dpo_fast import dpo_loss, linear_sequence_logps
 from dpo_fast.integrations.hf import DPOComputeLoss, aligned_labels, compute_dpo_loss
-from dpo_fast.ops import schedule
+from dpo_fast.loss import oracle
+from dpo_fast.loss.ops import schedule
 from tests.helpers import assert_close
 
 

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from datasets import Dataset  # noqa: E402
 
-from dpo_fast import functional, oracle  # noqa: E402
-from dpo_fast.ops import schedule  # noqa: E402
+from dpo_fast.loss import functional, oracle  # noqa: E402
+from dpo_fast.loss.ops import schedule  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 from tests.tiny_tokenizer import WORDS, make_tokenizer  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Pair-level loss formulas.
 
 Each formula is checked against a scalar re-derivation with the `math` module, written from the papers'
-definitions (not from `dpo_fast.losses`), on random log-probs: with rho = log pi - log pi_ref and
+definitions (not from `dpo_fast.loss.formulas`), on random log-probs: with rho = log pi - log pi_ref and
 delta = rho_c - rho_r, e.g. the DPO loss is -log sigmoid(beta * delta), so for beta = 0.1, rho_c = 1 and
 rho_r = -1 it is -log sigmoid(0.2) = 0.5981. Gradients are checked with float64 gradcheck.
 """

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_fast import ops, oracle
-from dpo_fast.functional import _FlatHidden, linear_dpo_loss
-from dpo_fast.losses import LENGTH_NORMALISED, LOSS_TYPES, PAIR_SEPARABLE, REFERENCE_FREE, LossConfig
-from dpo_fast.ops import schedule, torch_one_pass
+from dpo_fast.loss import ops, oracle
+from dpo_fast.loss.formulas import LENGTH_NORMALISED, LOSS_TYPES, PAIR_SEPARABLE, REFERENCE_FREE, LossConfig
+from dpo_fast.loss.functional import _FlatHidden, linear_dpo_loss
+from dpo_fast.loss.ops import schedule, torch_one_pass
 
 IGNORE = -100
 

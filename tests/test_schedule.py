@@ -1,4 +1,4 @@
-"""Which schedule `linear_dpo_loss` runs (`dpo_fast.ops.schedule.linear_loss_schedule`, a pure function),
+"""Which schedule `linear_dpo_loss` runs (`dpo_fast.loss.ops.schedule.linear_loss_schedule`, a pure function),
 and that the public function follows it."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_fast import ops
-from dpo_fast.functional import _FlatHidden
-from dpo_fast.losses import LOSS_TYPES, PAIR_SEPARABLE, LossConfig
-from dpo_fast.ops import schedule
-from dpo_fast.ops.schedule import (
+from dpo_fast.loss import ops
+from dpo_fast.loss.formulas import LOSS_TYPES, PAIR_SEPARABLE, LossConfig
+from dpo_fast.loss.functional import _FlatHidden
+from dpo_fast.loss.ops import schedule
+from dpo_fast.loss.ops.schedule import (
     TORCH_ONE_PASS,
     TORCH_RECOMPUTE,
     TRITON_ONE_PASS,

@@ -25,7 +25,7 @@ from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import checkpoint as ckpt  # noqa: E402
 from dpo_fast.config import DPOConfig  # noqa: E402
-from dpo_fast.losses import dpo_loss  # noqa: E402
+from dpo_fast.loss.formulas import dpo_loss  # noqa: E402
 from dpo_fast.metrics import read_metrics  # noqa: E402
 from dpo_fast.pairs import TokenizedPair  # noqa: E402
 from dpo_fast.trainer import DPOTrainer, lr_lambda_factory  # noqa: E402

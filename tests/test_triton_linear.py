@@ -1,7 +1,7 @@
-"""The two-pass Triton schedule (`dpo_fast.ops.triton_linear`) against the float64 reference.
+"""The two-pass Triton schedule (`dpo_fast.loss.ops.triton_linear`) against the float64 reference.
 
 Every case draws hidden, weight and bias in the dtype under test and gives the reference
-(`dpo_fast.oracle.token_logps` on full float64 logits) those exact values upcast to float64.
+(`dpo_fast.loss.oracle.token_logps` on full float64 logits) those exact values upcast to float64.
 
 Tolerances (`_bounds`) follow what the schedule does, element by element:
   - The logits are a cuBLAS/torch product in the input dtype, so each carries one rounding: at most
@@ -26,9 +26,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpo_fast  # noqa: E402
-from dpo_fast import oracle  # noqa: E402
-from dpo_fast.losses import LOSS_TYPES  # noqa: E402
-from dpo_fast.ops import schedule, triton_linear, triton_one_pass  # noqa: E402
+from dpo_fast.loss import oracle  # noqa: E402
+from dpo_fast.loss.formulas import LOSS_TYPES  # noqa: E402
+from dpo_fast.loss.ops import schedule, triton_linear, triton_one_pass  # noqa: E402
 from tests.helpers import assert_within  # noqa: E402
 from tests.test_one_pass import _allclose, _check_against_reference, _to_packed  # noqa: E402
 from tests.test_one_pass import _case as _one_pass_case  # noqa: E402
@@ -280,7 +280,7 @@ def test_torch_compile_traces_without_graph_break(monkeypatch):
 _COMPILED_MODE_TRACE = r"""
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from dpo_fast.ops import schedule, triton_linear
+from dpo_fast.loss.ops import schedule, triton_linear
 assert triton_linear._COMPILED, "kernels were interpreted"
 schedule.LOGITS_BUDGET_BYTES = 8 * 300 * 2  # 8-token chunks: the loop and the concatenation are traced
 

@@ -1,4 +1,4 @@
-"""Triton token log-probs (`dpo_fast.ops.triton_logps`) against the float64 reference.
+"""Triton token log-probs (`dpo_fast.loss.ops.triton_logps`) against the float64 reference.
 
 Every case builds logits in the dtype under test, upcasts those exact values to float64 for the
 reference, and compares the forward and the gradient w.r.t. the logits.
@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dpo_fast  # noqa: E402
-from dpo_fast import oracle  # noqa: E402
-from dpo_fast.ops import triton_logps  # noqa: E402
+from dpo_fast.loss import oracle  # noqa: E402
+from dpo_fast.loss.ops import triton_logps  # noqa: E402
 from tests.helpers import assert_within  # noqa: E402
 
 IGNORE = -100
@@ -236,7 +236,7 @@ def test_torch_compile_traces_without_graph_break():
 _COMPILED_MODE_TRACE = """
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from dpo_fast.ops import triton_logps
+from dpo_fast.loss.ops import triton_logps
 assert triton_logps._COMPILED, "kernels were interpreted"
 
 def step(x, y, g):
@@ -397,7 +397,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dpo_fast.kernels import logps
-from dpo_fast.ops import triton_logps
+from dpo_fast.loss.ops import triton_logps
 
 assert isinstance(logps._token_logps_fwd, triton.runtime.jit.JITFunction), "still interpreted"
 dtype, itemsize, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

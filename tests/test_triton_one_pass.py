@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_fast import ops
-from dpo_fast.functional import _FlatHidden, linear_dpo_loss
-from dpo_fast.losses import PAIR_SEPARABLE, LossConfig
-from dpo_fast.ops import schedule, triton_one_pass
+from dpo_fast.loss import ops
+from dpo_fast.loss.formulas import PAIR_SEPARABLE, LossConfig
+from dpo_fast.loss.functional import _FlatHidden, linear_dpo_loss
+from dpo_fast.loss.ops import schedule, triton_one_pass
 from tests.test_one_pass import IGNORE, _check_against_reference, _to_packed
 from tests.test_one_pass import _case as _cpu_case
 

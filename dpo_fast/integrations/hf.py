@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import linear_dpo_loss, linear_sequence_logps
-from ..losses import DPOOutput, LossConfig
+from ..loss.formulas import DPOOutput, LossConfig
+from ..loss.functional import linear_dpo_loss, linear_sequence_logps
 from .hidden import add_hidden_state_forward, last_hidden_state
 
 _BATCH_KEYS = {"completion_mask", "labels", "ref_chosen_logps", "ref_rejected_logps"}

@@ -33,8 +33,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("dpo_fast.integrations.trl needs TRL >= 1.16: pip install 'dpo-fast[trl]'") from exc
 
-from ..functional import linear_dpo_loss, linear_sequence_logps
-from ..losses import LossConfig, loss_from_logps
+from ..loss.formulas import LossConfig, loss_from_logps
+from ..loss.functional import linear_dpo_loss, linear_sequence_logps
 from .hidden import add_hidden_state_forward, last_hidden_state
 
 # TRL 1.16 reads label_smoothing in these losses only (its `sigmoid` ignores it).

@@ -31,7 +31,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ..losses import LossConfig
+from ..formulas import LossConfig
 from . import schedule
 from .torch_one_pass import (
     _batch_loss,

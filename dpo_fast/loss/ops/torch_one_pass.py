@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..losses import LENGTH_NORMALISED, PAIR_SEPARABLE, DPOOutput, LossConfig, loss_from_logps
+from ..formulas import LENGTH_NORMALISED, PAIR_SEPARABLE, DPOOutput, LossConfig, loss_from_logps
 
 # Tokens per logit tile: the knob between time and memory. Each tile adds its p^T h into the [V, H]
 # scratch buffer, a full read and write of it, so bigger tiles are faster; the tile itself is the

@@ -2,7 +2,7 @@
 
 Every function reduces its input to the packed form `[N, V]` (or `[N, H]`) with one segment id per
 token (a free view for the padded form), computes token log-probs with the chosen backend, sums them
-per sequence, and hands the `[B]` vectors to the pair-level formulas of `dpo_fast.losses`.
+per sequence, and hands the `[B]` vectors to the pair-level formulas of `dpo_fast.loss.formulas`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .losses import DPOOutput, LossConfig, loss_from_logps
+from .formulas import DPOOutput, LossConfig, loss_from_logps
 from .validation import check_float, check_labels, check_ref, check_segment_ids, resolve_backend
 
 

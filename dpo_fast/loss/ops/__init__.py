@@ -37,7 +37,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
 def linear_loss_schedule_for(config, flat, weight, bias, *, backend: str) -> str:
     """`schedule.linear_loss_schedule` for this batch: measures the sizes it reads (one host sync, and only
     for pair-separable losses, the only ones whose schedule depends on them)."""
-    from ..losses import PAIR_SEPARABLE
+    from ..formulas import PAIR_SEPARABLE
     from . import schedule
     from .torch_one_pass import single_buffer_applies
 

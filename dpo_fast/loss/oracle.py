@@ -3,7 +3,7 @@
 This is what TRL did before it fused anything: simple enough to be obviously right, and the
 yardstick for every fast path (tests compare against it in float64; benchmarks run it in the
 input dtype as the "naive" baseline). It shares nothing with the fast paths except the pair-level
-loss formulas in `dpo_fast.losses`, which act on [B] vectors and are tested on their own.
+loss formulas in `dpo_fast.loss.formulas`, which act on [B] vectors and are tested on their own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .losses import DPOOutput, LossConfig, loss_from_logps
+from .formulas import DPOOutput, LossConfig, loss_from_logps
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .formulas import DPOOutput, LossConfig
 from .functional import fused_dpo_loss, linear_dpo_loss
-from .losses import DPOOutput, LossConfig
 
 
 class DPOLoss(nn.Module):
