@@ -1,7 +1,7 @@
 """Build script: the pure-Python package plus the optional C++ (pybind11) packer.
 
 The extension is optional by design: a machine without a compiler still installs dpo_fast,
-and `dpo_fast.packing` falls back to its pure-Python packer (identical output).
+and `dpo_fast.data.packing` falls back to its pure-Python packer (identical output).
 """
 
 import os

@@ -140,7 +140,7 @@ def _log(message: str) -> None:
 
 
 def _load_pairs(path: str) -> list:
-    from dpo_fast.pairs import TokenizedPair
+    from dpo_fast.data.pairs import TokenizedPair
 
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
@@ -366,7 +366,7 @@ def _import_up_front(contender: str) -> None:
     names += (
         ["trl", "datasets"]
         if contender.startswith("trl")
-        else ["dpo_fast.trainer", "dpo_fast.scoring", "dpo_fast.tokenization"]
+        else ["dpo_fast.trainer", "dpo_fast.scoring", "dpo_fast.data.tokenization"]
     )
     if contender == "trl+dpo_fast":
         names.append("dpo_fast.integrations.trl")

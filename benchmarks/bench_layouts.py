@@ -1,6 +1,6 @@
 """What the batch layouts cost before and around the model: padding, host time, activation memory.
 
-Three tables, each from what the trainer runs (`dpo_fast.layouts.build_batch`, `dpo_fast.attention`):
+Three tables, each from what the trainer runs (`dpo_fast.data.layouts.build_batch`, `dpo_fast.data.attention`):
 
 1. Padding per layout and attention form at the end-to-end benchmark's profiles (`benchmarks/e2e_data.py`,
    the GPU lengths: long prompts ~1024 + 2 x 256, short ~256 + 2 x 640 tokens), micro-batches of 4 pairs
@@ -41,14 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import e2e_data  # noqa: E402
 
-from dpo_fast.attention import (  # noqa: E402
-    FLEX_BLOCK_SIZE,
-    allowed_pairs,
-    attention_mask_4d,
-    flex_block_mask,
-)
-from dpo_fast.layouts import LAYOUTS, build_batch, group_pairs  # noqa: E402
-from dpo_fast.pairs import ROLE_PAD, TokenizedPair  # noqa: E402
+from dpo_fast.data.attention import FLEX_BLOCK_SIZE, allowed_pairs, attention_mask_4d, flex_block_mask
+from dpo_fast.data.layouts import LAYOUTS, build_batch, group_pairs  # noqa: E402
+from dpo_fast.data.pairs import ROLE_PAD, TokenizedPair  # noqa: E402
 
 PAIRS_PER_STEP = 4  # bench_e2e.py's --batch-size
 GPU_LENGTH_SCALE = 4.0  # bench_e2e.py's LENGTH_SCALE["cuda"]
@@ -146,7 +141,7 @@ def activation_bytes(pairs: list[TokenizedPair], threads: int) -> dict:
     import bench_e2e
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpo_fast.attention import model_inputs
+    from dpo_fast.data.attention import model_inputs
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Time and fill of `dpo_fast.packing`: the C++ packer, its pure-Python fallback, and TRL's BFD.
+"""Time and fill of `dpo_fast.data.packing`: the C++ packer, its pure-Python fallback, and TRL's BFD.
 
 Input: `--items` preference-pair lengths drawn from a lognormal (median 600 tokens, sigma 0.9, clipped to
 [16, capacity]), packed into bins of `--capacity` tokens. Two APIs, both backends each:
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from dpo_fast import packing  # noqa: E402
+from dpo_fast.data import packing  # noqa: E402
 
 
 def make_lengths(items: int, capacity: int, seed: int) -> np.ndarray:

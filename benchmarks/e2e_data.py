@@ -20,7 +20,7 @@ import random
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dpo_fast.pairs import TokenizedPair
+from dpo_fast.data.pairs import TokenizedPair
 
 PAD, BOS, IM_START, IM_END = "<pad>", "<bos>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, BOS, IM_START, IM_END)

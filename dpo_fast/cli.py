@@ -214,9 +214,9 @@ def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 def _load_pairs(flag: str, name: str, args: argparse.Namespace, tokenizer, config: DPOConfig, split: str):
     """Rows of --data/--eval-data, tokenized as the trainer would, with the data summary."""
-    from .data import load_preferences_with_report
-    from .data_summary import summarize_data
-    from .tokenization import tokenize_dataset
+    from .data.formats import load_preferences_with_report
+    from .data.summary import summarize_data
+    from .data.tokenization import tokenize_dataset
 
     try:
         dataset, report = load_preferences_with_report(os.path.expanduser(name), split=split, strict=args.strict)

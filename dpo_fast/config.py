@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data.pairs import LAYOUTS
 from .loss.formulas import REFERENCE_FREE, LossConfig
 from .loss.validation import BACKENDS
-from .pairs import LAYOUTS
 
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw_torch", "sgd")
@@ -117,7 +117,7 @@ class DPOConfig:
         0, "Token capacity of one packed row (packed/prefix_shared layouts); 0 = one row per micro-batch under "
            "FlexAttention or flash varlen, twice max_length under a dense mask (eager/sdpa).")
     max_tokens_per_batch: int = _f(
-        0, "Token-budget micro-batches: pack pairs into bins of this many tokens (dpo_fast.packing.pack, balanced "
+        0, "Token-budget micro-batches: pack pairs into bins of this many tokens (dpo_fast.data.packing.pack, balanced "
            "across ranks) instead of per_device_train_batch_size pairs; 0 = off.")
     # Reference model.
     precompute_ref: bool = _f(False, "Compute the reference log-probs once, cache them on disk, free the reference.")

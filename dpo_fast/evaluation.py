@@ -43,8 +43,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .layouts import check_layout
-from .pairs import TokenizedPair
+from .data.layouts import check_layout
+from .data.pairs import TokenizedPair
 from .scoring import output_head, pair_logps, scored_batches
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _tokenize_responses(tokenizer, prompts: Sequence[Any], responses: Sequence[A
     The filler (one character, then EOS) is no longer than any non-empty response for tokenizers that
     encode one character as one token, so it does not change how the row is truncated.
     """
-    from .tokenization import tokenize_dataset, tokenize_pair
+    from .data.tokenization import tokenize_dataset, tokenize_pair
 
     rows = [{"prompt": p, "chosen": r, "rejected": _FILLERS[0]} for p, r in zip(prompts, responses)]
     kept, _ = tokenize_dataset(tokenizer, rows, max_length=max_length)
@@ -211,7 +211,7 @@ def implicit_rewards(model, ref_model, tokenizer, prompts: Sequence[Any], respon
             reference-free (the reward is beta * log pi(y|x)). Scored as they are (call `.eval()`).
         prompts, responses: n rows; a prompt is a string or a message list (chat template applied), a
             response a string (an assistant turn for a chat prompt) or a message list. Tokenized like the
-            chosen side of `dpo_fast.tokenization.tokenize_pair` (EOS appended, truncation to max_length).
+            chosen side of `dpo_fast.data.tokenization.tokenize_pair` (EOS appended, truncation to max_length).
         per_token: also split each reward over the response tokens (EOS included).
     Returns:
         [n] float32 sequence rewards, or with per_token=True a list of n float32 tensors
@@ -268,10 +268,10 @@ class PreparedPairs:
 def prepare_pairs(tokenizer, data: Any, *, max_length: int = 1024) -> PreparedPairs:
     """`data` (a path, a `load_preferences` Dataset, raw {prompt, chosen, rejected} rows, or TokenizedPair
     rows) -> tokenized pairs. Rows the tokenizer drops are counted and skipped; none left raises."""
-    from .tokenization import tokenize_dataset
+    from .data.tokenization import tokenize_dataset
 
     if isinstance(data, (str, os.PathLike)):
-        from .data import load_preferences
+        from .data.formats import load_preferences
 
         data = load_preferences(os.fspath(data))
     rows = list(data)

@@ -1,8 +1,8 @@
 """Per-pair sequence log-probs of a causal LM, through a layout and the fused head (no [tokens, V] logits).
 
 `pair_logps` is what precomputes reference log-probs or scores a preference set: it groups pairs into
-batches under a token budget, lays each batch out (`dpo_fast.layouts`), runs the model's backbone to its
-last hidden states with the layout's attention mask and position ids (`dpo_fast.attention.model_inputs`),
+batches under a token budget, lays each batch out (`dpo_fast.data.layouts`), runs the model's backbone to its
+last hidden states with the layout's attention mask and position ids (`dpo_fast.data.attention.model_inputs`),
 and scores only the labelled positions with `dpo_fast.loss.ops.linear_token_logps`, one vocabulary tile at a time.
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import attention_for, attention_implementation, model_inputs, row_multiple, uses_dense_mask
-from .layouts import build_batch, check_layout, group_pairs, unit_lengths
+from .data.attention import attention_for, attention_implementation, model_inputs, row_multiple, uses_dense_mask
+from .data.layouts import build_batch, check_layout, group_pairs, unit_lengths
+from .data.pairs import IGNORE_INDEX, TokenizedPair
 from .loss import ops
 from .loss.validation import resolve_backend
-from .pairs import IGNORE_INDEX, TokenizedPair
 
 # Rows of the softcapped head's logit tile (that head is not linear, so it materialises [chunk, V]).
 SOFTCAP_CHUNK_TOKENS = 256
@@ -136,7 +136,7 @@ def _as_tokenized(pairs: Sequence[TokenizedPair | Mapping[str, Any]], tokenizer,
         if isinstance(p, Mapping):
             if tokenizer is None:
                 raise ValueError(f"pairs[{i}] is a raw row: pass the tokenizer to tokenize it, or TokenizedPair rows")
-            from .tokenization import tokenize_row
+            from .data.tokenization import tokenize_row
 
             outcome = tokenize_row(tokenizer, p, max_length=max_length, index=i)
             if outcome.pair is None:
@@ -171,12 +171,12 @@ def pair_logps(model, tokenizer, pairs: Sequence[TokenizedPair | Mapping[str, An
     Args:
         model: a transformers causal LM (`AutoModelForCausalLM`); attn_implementation "eager", "sdpa",
             "flex_attention" or "flash_attention_*" (not with "prefix_shared"), see
-            `dpo_fast.attention.attention_kwargs`; on CUDA the packed layouts run FlexAttention when the
+            `dpo_fast.data.attention.attention_kwargs`; on CUDA the packed layouts run FlexAttention when the
             model supports it (`preferred_attention`, restored after). Scored as is: call `model.eval()`
             to drop dropout.
         tokenizer: tokenizes raw rows, and gives the pad (else EOS) id; None pads with 0.
         pairs: TokenizedPair rows, or raw {"prompt", "chosen", "rejected"} rows tokenized here with
-            `dpo_fast.tokenization.tokenize_pair(tokenizer, row, max_length=max_length)` (its truncation rules);
+            `dpo_fast.data.tokenization.tokenize_pair(tokenizer, row, max_length=max_length)` (its truncation rules);
             a row it drops raises.
         layout: "prefix_shared" (prompt computed once per pair), "packed" or "padded".
         max_length: the longest prompt + completion: raw rows are truncated to it, a longer TokenizedPair raises.
@@ -219,7 +219,7 @@ class ScoredBatch:
 def scored_batches(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout: str, max_length: int,
                    max_tokens_per_batch: int | None, backend: str):
     """Yields a `ScoredBatch` per batch: pairs grouped under a token budget, laid out, run through the
-    backbone with the layout's attention (`dpo_fast.attention.model_inputs`; FlexAttention for the packed
+    backbone with the layout's attention (`dpo_fast.data.attention.model_inputs`; FlexAttention for the packed
     layouts on CUDA when the model supports it, `preferred_attention`), and scored at labelled positions
     only by the fused head."""
     device = next(model.parameters()).device

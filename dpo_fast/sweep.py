@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .checkpoint import atomic_write_bytes
-from .pairs import TokenizedPair
+from .data.pairs import TokenizedPair
 
 KL_SAMPLES = ("sampled", "greedy")
 KL_ESTIMATOR = "KL(policy || ref) per token, estimated by r - 1 - log r with r = pi_ref / pi (>= 0)"

@@ -61,7 +61,7 @@ class ScorerError(ValueError):
 
 
 class TextCodec:
-    """Prompt and completion token ids, following `dpo_fast.tokenization.tokenize_pair`'s conventions.
+    """Prompt and completion token ids, following `dpo_fast.data.tokenization.tokenize_pair`'s conventions.
 
     Text prompts get what the tokenizer's post-processor puts in front (e.g. BOS); message-list prompts are
     rendered with the chat template (generation prompt added). A completion's ids are those of
@@ -215,7 +215,7 @@ def sequence_logps(model, prompt_ids: Sequence[Sequence[int]], completion_ids: S
     Completions of the same prompt travel two at a time as the chosen and rejected side of one
     prefix-shared pair (the prompt is run once for both); a leftover one is paired with itself.
     """
-    from .pairs import TokenizedPair
+    from .data.pairs import TokenizedPair
     from .scoring import pair_logps
 
     if len(prompt_ids) != len(completion_ids):

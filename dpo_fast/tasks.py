@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .pairs import IGNORE_INDEX, TokenizedPair
+from .data.pairs import IGNORE_INDEX, TokenizedPair
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -52,7 +52,7 @@ def build_tokenizer(chars: str = TASK_CHARS):
     # Concatenate on decode: the default decoder would put spaces between the characters.
     core.decoder = decoders.Fuse()
     # BOS first when special tokens are asked for, as the task's own encoding does (`encode_prompt`), so
-    # generic tokenization (`dpo_fast.tokenization`, `dpo-fast score/rank/train`) conditions the same way.
+    # generic tokenization (`dpo_fast.data.tokenization`, `dpo-fast score/rank/train`) conditions the same way.
     core.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A",
                                                         special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])])
     return PreTrainedTokenizerFast(

@@ -5,9 +5,9 @@ One optimizer step:
 1. The step's pairs (global batch = per_device_train_batch_size x gradient_accumulation_steps x world
    size, from a seeded per-epoch permutation) are cut into micro-batches of per_device_train_batch_size
    pairs; micro-batch j goes to rank j % world_size.
-2. Each micro-batch is laid out (`dpo_fast.layouts`) on the host by a background thread while the
+2. Each micro-batch is laid out (`dpo_fast.data.layouts`) on the host by a background thread while the
    device computes the one before (pinned memory, copies that do not block the host), run through the
-   policy's backbone to its last hidden states with the layout's attention (`dpo_fast.attention.
+   policy's backbone to its last hidden states with the layout's attention (`dpo_fast.data.attention.
    model_inputs`: a FlexAttention BlockMask built on the device for the packed layouts on CUDA, a dense
    mask for eager/sdpa, varlen boundaries for flash), and scored by `linear_dpo_loss` against the
    lm_head weight: the [tokens, vocab] logits never exist.
@@ -62,7 +62,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .attention import (
+from .config import DPOConfig
+from .data.attention import (
     attention_implementation,
     model_inputs,
     preferred_attention,
@@ -70,9 +71,9 @@ from .attention import (
     set_attention,
     uses_dense_mask,
 )
-from .config import DPOConfig
-from .data_summary import layout_padding, padding_line, summarize_data
-from .layouts import build_batch, unit_lengths
+from .data.layouts import build_batch, unit_lengths
+from .data.pairs import ROLE_PAD, Batch, TokenizedPair
+from .data.summary import layout_padding, padding_line, summarize_data
 from .loss.formulas import DPOOutput, loss_from_logps
 from .loss.functional import linear_dpo_loss
 from .metrics import (
@@ -84,7 +85,6 @@ from .metrics import (
     plot_metrics,
     truncate_metrics,
 )
-from .pairs import ROLE_PAD, Batch, TokenizedPair
 from .scoring import backbone_of, check_sequence_lengths, head_token_logps, output_head, pad_token_id, pair_logps
 
 logger = logging.getLogger(__name__)
@@ -425,8 +425,8 @@ class DPOTrainer:
                                 "pass one kind")
             import datasets
 
-            from .data import load_preferences_with_report
-            from .tokenization import tokenize_dataset
+            from .data.formats import load_preferences_with_report
+            from .data.tokenization import tokenize_dataset
 
             report = None
             if isinstance(data, datasets.Dataset):
@@ -458,7 +458,7 @@ class DPOTrainer:
     def _check_pair_sizes(self, pairs: list[TokenizedPair], name: str) -> None:
         budget = self.config.max_tokens_per_batch
         if budget and name == "train_data":
-            from .layouts import pair_cost
+            from .data.layouts import pair_cost
 
             for i, p in enumerate(pairs):
                 if pair_cost(p, self.layout) > budget:
@@ -656,15 +656,15 @@ class DPOTrainer:
 
         Pair batching: the epoch's permutation cut into per_device_train_batch_size pairs. Token batching
         (max_tokens_per_batch > 0): the permutation packed into bins of that many tokens by
-        `dpo_fast.packing.pack`, ordered so that each run of world_size bins carries near-equal tokens.
+        `dpo_fast.data.packing.pack`, ordered so that each run of world_size bins carries near-equal tokens.
         """
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         order = self._epoch_order(epoch)
         c = self.config
         if c.max_tokens_per_batch:
-            from .layouts import pair_cost
-            from .packing import pack
+            from .data.layouts import pair_cost
+            from .data.packing import pack
 
             costs = [pair_cost(self.train_pairs[i], self.layout) for i in order]
             bins = pack(costs, c.max_tokens_per_batch, world_size=self.world_size, seed=c.seed + epoch)

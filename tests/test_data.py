@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpo_fast.data import (
+from dpo_fast.data.formats import (
     ASSISTANT_MARKER,
     FORMATS,
     HUMAN_MARKER,

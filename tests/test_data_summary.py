@@ -7,10 +7,10 @@ import json
 import pytest
 from tiny_tokenizer import make_tokenizer
 
-from dpo_fast.data import load_preferences_with_report
-from dpo_fast.data_summary import TRUNCATION_WARNING_FRACTION, layout_padding, summarize_data
-from dpo_fast.pairs import TokenizedPair
-from dpo_fast.tokenization import tokenize_dataset
+from dpo_fast.data.formats import load_preferences_with_report
+from dpo_fast.data.pairs import TokenizedPair
+from dpo_fast.data.summary import TRUNCATION_WARNING_FRACTION, layout_padding, summarize_data
+from dpo_fast.data.tokenization import tokenize_dataset
 
 TOK = make_tokenizer()
 

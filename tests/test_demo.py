@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dpo_fast import tasks
-from dpo_fast.pairs import IGNORE_INDEX
+from dpo_fast.data.pairs import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import evaluation  # noqa: E402
+from dpo_fast.data.tokenization import tokenize_pair  # noqa: E402
 from dpo_fast.evaluation import (  # noqa: E402
     bootstrap_means,
     bradley_terry,
@@ -34,7 +35,6 @@ from dpo_fast.evaluation import (  # noqa: E402
     score_pairs,
     wilson_interval,
 )
-from dpo_fast.tokenization import tokenize_pair  # noqa: E402
 
 BETA = 0.3
 MAX_LENGTH = 48

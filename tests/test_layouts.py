@@ -17,7 +17,7 @@ import torch
 from attention_doubles import eager_flex_attention, register_varlen_sdpa, use_varlen_sdpa
 from helpers import assert_close
 
-from dpo_fast.attention import (
+from dpo_fast.data.attention import (
     FLEX_BLOCK_SIZE,
     _next_same_position,
     allowed_pairs,
@@ -28,8 +28,8 @@ from dpo_fast.attention import (
     preferred_attention,
     varlen_cu_seqlens,
 )
-from dpo_fast.layouts import build_batch, group_pairs, pair_cost
-from dpo_fast.pairs import IGNORE_INDEX, LAYOUTS, ROLE_PAD, TokenizedPair
+from dpo_fast.data.layouts import build_batch, group_pairs, pair_cost
+from dpo_fast.data.pairs import IGNORE_INDEX, LAYOUTS, ROLE_PAD, TokenizedPair
 from dpo_fast.scoring import pair_logps
 
 VOCAB = 100
@@ -459,8 +459,8 @@ def test_pair_logps_reference_path_and_defaults():
 
 
 def test_pair_logps_raw_rows_are_tokenized():
+    from dpo_fast.data.tokenization import tokenize_pair
     from dpo_fast.tasks import build_tokenizer
-    from dpo_fast.tokenization import tokenize_pair
 
     tokenizer = build_tokenizer()
     rows = [{"prompt": "sort 3 1 2 =", "chosen": " 1 2 3", "rejected": " 3 2 1 1"},
@@ -507,8 +507,8 @@ def test_pair_logps_cuda_all_layouts(attn):
 
 
 def test_rows_are_balanced_without_breaking_capacity():
-    from dpo_fast.layouts import _balanced_rows
-    from dpo_fast.packing import pack
+    from dpo_fast.data.layouts import _balanced_rows
+    from dpo_fast.data.packing import pack
 
     rng = random.Random(5)
     for _ in range(50):

@@ -28,3 +28,10 @@ def test_license_is_an_spdx_expression():
     # PEP 639: a string; the table form `{ text = ... }` is deprecated (setuptools warns at install).
     text = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert re.search(r'^license = "Apache-2.0"$', text, re.MULTILINE)
+
+
+def test_documented_import_paths_still_work():
+    # The README's paths from before the package was grouped by layer; dpo_fast.data re-exports the formats API.
+    from dpo_fast.data import formats, load_preferences
+
+    assert load_preferences is formats.load_preferences

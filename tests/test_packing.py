@@ -1,4 +1,4 @@
-"""Tests for dpo_fast.packing: both backends against a plain O(n * bins) reference packer, against each
+"""Tests for dpo_fast.data.packing: both backends against a plain O(n * bins) reference packer, against each
 other, and on the documented properties of step balancing, shuffling, errors and backend selection."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpo_fast import packing
+from dpo_fast.data import packing
 
 HAS_CPP = packing._cpp_module() is not None
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="C++ packer dpo_fast._packing_cpp is not built")

@@ -14,7 +14,7 @@ from helpers import assert_close
 
 from dpo_fast import tasks
 from dpo_fast.commands import synth_cmd
-from dpo_fast.data import load_preferences
+from dpo_fast.data.formats import load_preferences
 from dpo_fast.synth import (
     PAIRINGS,
     ConfidenceScorer,
@@ -238,7 +238,7 @@ def test_reward_model_scorer_reads_the_last_real_token(tmp_path, tokenizer):
 
 
 def test_text_codec_follows_tokenize_pair(tokenizer):
-    from dpo_fast.tokenization import tokenize_pair
+    from dpo_fast.data.tokenization import tokenize_pair
 
     codec = TextCodec(tokenizer)
     pair = tokenize_pair(tokenizer, {"prompt": "sort 2 1 3 =", "chosen": " 1 2 3", "rejected": " 3"})

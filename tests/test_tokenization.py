@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_tokenizer import IM_END, WORDS, make_tokenizer
 
-from dpo_fast.data import load_preferences
-from dpo_fast.pairs import TokenizedPair
-from dpo_fast.tokenization import tokenize_dataset, tokenize_pair, tokenize_row
+from dpo_fast.data.formats import load_preferences
+from dpo_fast.data.pairs import TokenizedPair
+from dpo_fast.data.tokenization import tokenize_dataset, tokenize_pair, tokenize_row
 
 TOK = make_tokenizer()
 TOK_BOS = make_tokenizer(bos=True)

@@ -25,9 +25,9 @@ from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import checkpoint as ckpt  # noqa: E402
 from dpo_fast.config import DPOConfig  # noqa: E402
+from dpo_fast.data.pairs import TokenizedPair  # noqa: E402
 from dpo_fast.loss.formulas import dpo_loss  # noqa: E402
 from dpo_fast.metrics import read_metrics  # noqa: E402
-from dpo_fast.pairs import TokenizedPair  # noqa: E402
 from dpo_fast.trainer import DPOTrainer, lr_lambda_factory  # noqa: E402
 
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",

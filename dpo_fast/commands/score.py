@@ -143,7 +143,7 @@ def check_tokenizer_matches(tokenizer, tokenizer_name: str, flag: str, name: str
 
 
 def load_data(args: argparse.Namespace):
-    from ..data import load_preferences
+    from ..data.formats import load_preferences
 
     try:
         return load_preferences(os.path.expanduser(args.data), split=args.data_split)

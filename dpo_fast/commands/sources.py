@@ -111,7 +111,7 @@ def resolve_model_source(flag: str, name: str, *, probe_file: str = "config.json
 
 def check_data_path(flag: str, name: str) -> None:
     """A path-like --data value (or one with a data file's extension) must exist."""
-    from ..data import FILE_EXTENSIONS
+    from ..data.formats import FILE_EXTENSIONS
 
     path = os.path.expanduser(name)
     if not os.path.exists(path) and (looks_like_local_path(name) or name.lower().endswith(FILE_EXTENSIONS)):

@@ -96,8 +96,8 @@ def _demo_inputs(args, overrides):
 
 
 def _file_inputs(args, overrides):
-    from ..data import load_preferences
-    from ..tokenization import tokenize_dataset
+    from ..data.formats import load_preferences
+    from ..data.tokenization import tokenize_dataset
 
     if args.model is None or args.data is None:
         raise _Usage("--model and --data are needed (or --demo)")

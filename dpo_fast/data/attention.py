@@ -1,6 +1,6 @@
-"""Attention for the batch layouts of `dpo_fast.layouts`: the mask rule, its forms, and the model inputs.
+"""Attention for the batch layouts of `dpo_fast.data.layouts`: the mask rule, its forms, and the model inputs.
 
-One rule covers the three layouts (the drawing is in `dpo_fast.layouts`): query q may attend to key k
+One rule covers the three layouts (the drawing is in `dpo_fast.data.layouts`): query q may attend to key k
 of the same row when
 
 * k is not after q, and both belong to the same document (pair), not padding;

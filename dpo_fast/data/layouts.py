@@ -46,7 +46,7 @@ Several pairs can share a row: their blocks sit one after another and attention 
 between them (``document_ids`` differ). The same picture with the chosen and rejected blocks each
 preceded by their own full prompt copy is the ``packed`` layout.
 
-One rule gives every layout's mask (`dpo_fast.attention`): a query sees, within its document and up to
+One rule gives every layout's mask (`dpo_fast.data.attention`): a query sees, within its document and up to
 its own position, the most recent earlier token holding each position. In the drawing, r1 (position 4)
 sees positions 0..4 through p0, p1, p2', r0, r1: p2' is the latest holder of position 2 and r0 the latest
 of position 3, which hides p2 and c0; c1 is hidden by r1 itself. Rows are read left to right.
@@ -60,16 +60,7 @@ import numpy as np
 import torch
 
 from .packing import pack
-from .pairs import (
-    IGNORE_INDEX,
-    LAYOUTS,
-    ROLE_CHOSEN,
-    ROLE_PAD,
-    ROLE_PROMPT,
-    ROLE_REJECTED,
-    Batch,
-    TokenizedPair,
-)
+from .pairs import IGNORE_INDEX, LAYOUTS, ROLE_CHOSEN, ROLE_PAD, ROLE_PROMPT, ROLE_REJECTED, Batch, TokenizedPair
 
 # One sequence fragment to lay out: tokens, their position ids, labels, roles and segment ids.
 _Fragment = tuple[list[int], list[int], list[int], list[int], list[int]]
@@ -141,7 +132,7 @@ def build_batch(pairs: Sequence[TokenizedPair], layout: str, *, pad_id: int,
             (None: a single row holding everything); for "padded", an upper bound on a sequence's length.
             A unit longer than it raises.
         pad_to_multiple_of: the row length is rounded up to a multiple of it (FlexAttention's tile,
-            `dpo_fast.attention.row_multiple`); the extra columns are padding.
+            `dpo_fast.data.attention.row_multiple`); the extra columns are padding.
     """
     check_layout(layout)
     if len(pairs) == 0:
@@ -224,9 +215,9 @@ def group_pairs(pairs: Sequence[TokenizedPair], layout: str, *, max_tokens_per_b
     """Split a long list of pairs into batches (lists of indexes into `pairs`) under a token budget.
 
     "packed" and "prefix_shared" batches hold at most `max_tokens_per_batch` tokens of their units (rows
-    built from them may add a little padding); they are bins of `dpo_fast.packing.pack`. "padded" batches are costed
-    with their padding, 2 * B * longest sequence <= max_tokens_per_batch: pairs sorted by length, then
-    cut greedily, which keeps the padding low. A pair that alone exceeds the budget raises.
+    built from them may add a little padding); they are bins of `dpo_fast.data.packing.pack`. "padded"
+    batches are costed with their padding, 2 * B * longest sequence <= max_tokens_per_batch: pairs sorted by
+    length, then cut greedily, which keeps the padding low. A pair that alone exceeds the budget raises.
     """
     check_layout(layout)
     if max_tokens_per_batch < 1:

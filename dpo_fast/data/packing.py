@@ -78,7 +78,7 @@ _MAX_ITEMS = (1 << 31) - 1
 @functools.cache
 def _cpp_module() -> ModuleType | None:
     try:
-        from . import _packing_cpp
+        from .. import _packing_cpp
     except ImportError:
         return None
     return _packing_cpp

@@ -109,7 +109,7 @@ def layout_padding(pairs: Sequence[TokenizedPair], layout: str, *, pairs_per_bat
                    row_capacity: int | None = None, pad_id: int = 0, seed: int = 0,
                    max_batches: int = PADDING_SAMPLE_BATCHES) -> tuple[float, int]:
     """(share of padding positions, micro-batches measured) over the first `max_batches` micro-batches of a
-    seeded shuffle of `pairs`, laid out as the trainer lays them out (`dpo_fast.layouts.build_batch`)."""
+    seeded shuffle of `pairs`, laid out as the trainer lays them out (`dpo_fast.data.layouts.build_batch`)."""
     import torch
 
     from .layouts import build_batch
