@@ -245,8 +245,8 @@ def _dpo_fast_trainer(
     step_ends: list[tuple[float, float]],
     timings: dict[str, float],
 ):
-    from dpo_fast.config import DPOConfig
-    from dpo_fast.trainer import DPOTrainer
+    from dpo_fast.training.config import DPOConfig
+    from dpo_fast.training.trainer import DPOTrainer
 
     config = DPOConfig(
         output_dir=out_dir,
@@ -366,7 +366,7 @@ def _import_up_front(contender: str) -> None:
     names += (
         ["trl", "datasets"]
         if contender.startswith("trl")
-        else ["dpo_fast.trainer", "dpo_fast.scoring", "dpo_fast.data.tokenization"]
+        else ["dpo_fast.training.trainer", "dpo_fast.training.scoring", "dpo_fast.data.tokenization"]
     )
     if contender == "trl+dpo_fast":
         names.append("dpo_fast.integrations.trl")

@@ -3,16 +3,16 @@
 Importing this package has no side effects: no Triton import, no compilation, no environment reads.
 """
 
-from .config import DPOConfig
 from .loss.formulas import LOSS_TYPES, DPOOutput, LossConfig, dpo_loss
 from .loss.functional import fused_dpo_loss, linear_dpo_loss, linear_sequence_logps, sequence_logps
 from .loss.modules import DPOLoss
-from .trainer import DPOTrainer
+from .training.config import DPOConfig
+from .training.trainer import DPOTrainer
 
 __version__ = "0.1.0"
 
 # Public names imported on first use (PEP 562), so that `import dpo_fast` stays light.
-_LAZY = {"pair_logps": "dpo_fast.scoring"}
+_LAZY = {"pair_logps": "dpo_fast.training.scoring"}
 
 
 def __getattr__(name: str):

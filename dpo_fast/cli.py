@@ -22,8 +22,8 @@ import warnings
 from collections.abc import Sequence
 
 from .commands.sources import CommandError, check_data_path, error_text, resolve_model_source
-from .config import DPOConfig, coerce_field, field_type
 from .loss.formulas import LOSS_TYPES, REFERENCE_FREE
+from .training.config import DPOConfig, coerce_field, field_type
 
 NO_REFERENCE = "none"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -175,8 +175,8 @@ def _load_model(flag: str, name: str, args: argparse.Namespace):
 def _check_before_loading(parser: argparse.ArgumentParser, args: argparse.Namespace, config: DPOConfig) -> str | None:
     """Every check that needs no model weights, in the order a user would fix them; returns the reference
     model's name (None: no reference model)."""
-    from . import checkpoint as ckpt
-    from .trainer import check_output_dir
+    from .training import checkpoint as ckpt
+    from .training.trainer import check_output_dir
 
     ref_name = args.ref_model
     if ref_name is not None and ref_name.lower() == NO_REFERENCE:
@@ -231,8 +231,8 @@ def _load_pairs(flag: str, name: str, args: argparse.Namespace, tokenizer, confi
 def _refuse_another_run(config: DPOConfig, train_pairs) -> None:
     """Before any weight is read: CheckpointError when the checkpoint to resume was written by a run with other
     settings or data (the trainer compares again, and warns about the settings it accepts)."""
-    from . import checkpoint as ckpt
-    from .trainer import pairs_fingerprint
+    from .training import checkpoint as ckpt
+    from .training.trainer import pairs_fingerprint
 
     path = config.resume_from_checkpoint
     current = ckpt.run_settings(config, world_size=int(os.environ.get("WORLD_SIZE", "1")),
@@ -271,14 +271,14 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _run_training(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from . import checkpoint as ckpt
-    from .metrics import TrainingDiverged
+    from .training import checkpoint as ckpt
+    from .training.metrics import TrainingDiverged
 
     config = config_from_args(parser, args)
     ref_name = _check_before_loading(parser, args, config)
 
     from .commands.sources import load_tokenizer
-    from .trainer import DistributedTimeout, DPOTrainer
+    from .training.trainer import DistributedTimeout, DPOTrainer
 
     try:
         tokenizer = load_tokenizer("--tokenizer" if args.tokenizer else "--model", args.tokenizer or args.model)

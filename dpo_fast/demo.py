@@ -172,8 +172,8 @@ def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir:
 
     overrides: further `DPOConfig` fields (e.g. nll_weight), for experiments beyond the demo's settings.
     """
-    from .config import DPOConfig
-    from .trainer import DPOTrainer
+    from .training.config import DPOConfig
+    from .training.trainer import DPOTrainer
 
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     values: dict[str, Any] = dict(
@@ -200,7 +200,7 @@ def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    from .checkpoint import atomic_write_bytes
+    from .training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -236,7 +236,7 @@ def write_chart(path: str, before: dict, after: dict, dpo_history: list[dict[str
         ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    from .checkpoint import atomic_write_bytes
+    from .training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, buffer.getvalue())
     return path

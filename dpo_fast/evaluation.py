@@ -9,7 +9,7 @@ r(x, y_w) - r(x, y_l) says how strongly the policy prefers the chosen response; 
 fraction of pairs with a margin > 0 (strictly: a policy equal to its reference has margin 0 everywhere,
 accuracy 0). "Likelihood accuracy" asks the same of the plain log-probs, log pi(y_w | x) > log pi(y_l | x).
 
-Every log-prob comes from `dpo_fast.scoring.pair_logps` (batched, prefix-shared layout, fused lm_head),
+Every log-prob comes from `dpo_fast.training.scoring.pair_logps` (batched, prefix-shared layout, fused lm_head),
 once per model: ranking k models costs k passes over the data (plus one per distinct reference model),
 while the head-to-head part compares the k * (k - 1) / 2 model pairs from those stored numbers.
 
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .data.layouts import check_layout
 from .data.pairs import TokenizedPair
-from .scoring import output_head, pair_logps, scored_batches
+from .training.scoring import output_head, pair_logps, scored_batches
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def pair_token_logps(model, tokenizer, pairs: Sequence[TokenizedPair], *, layout
                      backend: str = "auto") -> tuple[list[Tensor], list[Tensor]]:
     """Per-token log-probs of each pair's chosen and rejected ids: `pair_logps` without the final sum.
 
-    Same batching, layout and fused head as `dpo_fast.scoring.pair_logps` (whose sums these tokens add up
+    Same batching, layout and fused head as `dpo_fast.training.scoring.pair_logps` (whose sums these tokens add up
     to); kept apart because the sums need no per-token bookkeeping.
     Returns two lists of float32 CPU tensors, [len(chosen_ids)] and [len(rejected_ids)] per pair.
     """
@@ -689,7 +689,7 @@ def rank_models(models: Sequence[tuple[str, Any, Any]], tokenizer, data: Any, *,
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    from .checkpoint import atomic_write_bytes
+    from .training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_bytes
 from .data.pairs import TokenizedPair
+from .training.checkpoint import atomic_write_bytes
 
 KL_SAMPLES = ("sampled", "greedy")
 KL_ESTIMATOR = "KL(policy || ref) per token, estimated by r - 1 - log r with r = pi_ref / pi (>= 0)"
@@ -143,8 +143,8 @@ def heldout_metrics(policy, reference, eval_pairs: Sequence[TokenizedPair], *, b
                     batch_size: int = 32) -> dict[str, float]:
     """reward_accuracy, margin, kl and chosen_drift of `policy` against `reference` (module docstring)."""
     from .evaluation import pair_token_logps
-    from .scoring import pair_logps
     from .synth import generate_completions
+    from .training.scoring import pair_logps
 
     if kl_samples not in KL_SAMPLES:
         raise ValueError(f"kl_samples={kl_samples!r} is not known; expected one of {', '.join(KL_SAMPLES)}")
@@ -211,7 +211,7 @@ def _special_ids(tokenizer) -> tuple[int, int]:
 def train_one(policy, reference, tokenizer, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair], *,
               config, kl_samples: str, max_new_tokens: int, eval_batch_size: int = 32) -> BetaResult:
     """Train `policy` (in place) with `config` against `reference`, then measure it on `eval_pairs`."""
-    from .trainer import DPOTrainer
+    from .training.trainer import DPOTrainer
 
     start = time.perf_counter()
     trainer = DPOTrainer(policy, tokenizer, train_pairs, config=config, ref_model=reference)
@@ -235,7 +235,7 @@ def run_sweep(model, tokenizer, train_pairs: Sequence[TokenizedPair], eval_pairs
     processes: run each beta in a fresh Python process (`python -m dpo_fast.sweep --run-one`), from the
     initial weights saved once under output_dir/initial: no state can leak from one run to the next.
     """
-    from .trainer import check_output_dir
+    from .training.trainer import check_output_dir
 
     betas = parse_betas(list(betas))
     if kl_samples not in KL_SAMPLES:
@@ -316,7 +316,7 @@ def _run_one(spec_path: str) -> int:
     """The body of one subprocess run: reload the initial weights, train, measure, write the result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import DPOConfig
+    from .training.config import DPOConfig
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -433,7 +433,7 @@ def demo_setup(settings=None, *, log=print) -> DemoSetup:
 
 def demo_config(settings, pairs: Sequence[TokenizedPair], output_dir: str, **overrides: Any):
     """The `DPOConfig` the demo trains with (`dpo_fast.demo.dpo`), with `overrides` on top."""
-    from .config import DPOConfig
+    from .training.config import DPOConfig
 
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     values: dict[str, Any] = dict(

@@ -210,13 +210,13 @@ def unique_responses(samples: Sequence[Response]) -> tuple[list[Response], int]:
 
 def sequence_logps(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *,
                    pad_token_id: int = 0, max_tokens_per_batch: int | None = None) -> torch.Tensor:
-    """[R] float32 summed log-probs of completion r given prompt r, through `dpo_fast.scoring.pair_logps`.
+    """[R] float32 summed log-probs of completion r given prompt r, through `dpo_fast.training.scoring.pair_logps`.
 
     Completions of the same prompt travel two at a time as the chosen and rejected side of one
     prefix-shared pair (the prompt is run once for both); a leftover one is paired with itself.
     """
     from .data.pairs import TokenizedPair
-    from .scoring import pair_logps
+    from .training.scoring import pair_logps
 
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -576,7 +576,7 @@ def synthesize(model, tokenizer, prompts: Sequence[Any], *, scorer: str | Callab
 
 def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
     """JSON lines, written to a temporary file next to `path` then moved into place."""
-    from .checkpoint import atomic_write_bytes
+    from .training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
 

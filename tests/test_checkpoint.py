@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-from dpo_fast import checkpoint as ckpt  # noqa: E402
-from dpo_fast.config import DPOConfig  # noqa: E402
+from dpo_fast.training import checkpoint as ckpt  # noqa: E402
+from dpo_fast.training.config import DPOConfig  # noqa: E402
 
 
 def save(output_dir, step, *, lineage=None, tokenizer=None, config=None):

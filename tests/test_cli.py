@@ -15,8 +15,8 @@ from test_trainer import tiny_model  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 from dpo_fast import cli  # noqa: E402
-from dpo_fast.config import DPOConfig  # noqa: E402
-from dpo_fast.metrics import read_metrics  # noqa: E402
+from dpo_fast.training.config import DPOConfig  # noqa: E402
+from dpo_fast.training.metrics import read_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_a_diverging_run_exits_1_naming_the_step(tmp_path, model_dir, data_file,
 
 
 def test_pair_logps_refusal_says_why():
-    from dpo_fast.scoring import pair_logps
+    from dpo_fast.training.scoring import pair_logps
 
     tokenizer = make_tokenizer()
     rows = [{"prompt": "a", "chosen": " yes", "rejected": " no"},

@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import SPLIT_RTOL, assert_grads_close, make_config, random_pairs, tiny_model  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-from dpo_fast import checkpoint as ckpt  # noqa: E402
-from dpo_fast.metrics import read_metrics  # noqa: E402
-from dpo_fast.trainer import DistributedTimeout, DPOTrainer  # noqa: E402
+from dpo_fast.training import checkpoint as ckpt  # noqa: E402
+from dpo_fast.training.metrics import read_metrics  # noqa: E402
+from dpo_fast.training.trainer import DistributedTimeout, DPOTrainer  # noqa: E402
 
 # Global batch 4: step 1 has 4 pairs (2 per rank); step 2 has 1, so rank 1 has nothing to do: it reduces zero
 # gradients (replicated) or runs a zero-weight filler micro-batch (FSDP, whose collectives need every rank).

@@ -30,7 +30,7 @@ from dpo_fast.data.attention import (
 )
 from dpo_fast.data.layouts import build_batch, group_pairs, pair_cost
 from dpo_fast.data.pairs import IGNORE_INDEX, LAYOUTS, ROLE_PAD, TokenizedPair
-from dpo_fast.scoring import pair_logps
+from dpo_fast.training.scoring import pair_logps
 
 VOCAB = 100
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dpo_fast.metrics import MetricsLogger, TrainingHealth, read_metrics, truncate_metrics
+from dpo_fast.training.metrics import MetricsLogger, TrainingHealth, read_metrics, truncate_metrics
 
 
 def write_log(path, steps):

@@ -11,7 +11,7 @@ from pathlib import Path
 def test_pair_logps_is_exported_at_the_top_level():
     import dpo_fast
     from dpo_fast import pair_logps
-    from dpo_fast.scoring import pair_logps as scoring_pair_logps
+    from dpo_fast.training.scoring import pair_logps as scoring_pair_logps
 
     assert pair_logps is scoring_pair_logps
     assert "pair_logps" in dpo_fast.__all__ and "pair_logps" in dir(dpo_fast)

@@ -24,7 +24,7 @@ from dpo_fast.commands import rank as rank_command  # noqa: E402
 from dpo_fast.commands import score as score_command  # noqa: E402
 from dpo_fast.data.attention import attention_kwargs  # noqa: E402
 from dpo_fast.data.layouts import build_batch  # noqa: E402
-from dpo_fast.scoring import pair_logps  # noqa: E402
+from dpo_fast.training.scoring import pair_logps  # noqa: E402
 
 BETA = 0.5
 MAX_LENGTH = 32

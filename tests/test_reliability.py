@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import make_config, random_pairs, tiny_model  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-from dpo_fast import checkpoint as ckpt  # noqa: E402
-from dpo_fast.metrics import TrainingDiverged, read_metrics  # noqa: E402
-from dpo_fast.trainer import DistributedTimeout, DPOTrainer  # noqa: E402
+from dpo_fast.training import checkpoint as ckpt  # noqa: E402
+from dpo_fast.training.metrics import TrainingDiverged, read_metrics  # noqa: E402
+from dpo_fast.training.trainer import DistributedTimeout, DPOTrainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ import pathlib
 sys.path.insert(0, {tests!r})
 from test_trainer import make_config, random_pairs, tiny_model
 from tiny_tokenizer import make_tokenizer
-from dpo_fast import checkpoint as ckpt
-from dpo_fast.trainer import DPOTrainer
+from dpo_fast.training import checkpoint as ckpt
+from dpo_fast.training.trainer import DPOTrainer
 
 tokenizer = make_tokenizer()
 config = make_config(pathlib.Path({tmp!r}), max_steps=100000, per_device_train_batch_size=2, logging_steps=1)

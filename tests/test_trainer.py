@@ -23,12 +23,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from attention_doubles import eager_flex_attention, register_varlen_sdpa, use_varlen_sdpa  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-from dpo_fast import checkpoint as ckpt  # noqa: E402
-from dpo_fast.config import DPOConfig  # noqa: E402
 from dpo_fast.data.pairs import TokenizedPair  # noqa: E402
 from dpo_fast.loss.formulas import dpo_loss  # noqa: E402
-from dpo_fast.metrics import read_metrics  # noqa: E402
-from dpo_fast.trainer import DPOTrainer, lr_lambda_factory  # noqa: E402
+from dpo_fast.training import checkpoint as ckpt  # noqa: E402
+from dpo_fast.training.config import DPOConfig  # noqa: E402
+from dpo_fast.training.metrics import read_metrics  # noqa: E402
+from dpo_fast.training.trainer import DPOTrainer, lr_lambda_factory  # noqa: E402
 
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected", "kl", "grad_norm", "lr", "tokens_per_s", "pairs_per_s", "peak_memory_mb")
@@ -255,7 +255,7 @@ def test_precomputed_reference_is_cached_reused_and_freed(tmp_path, tokenizer, m
     assert len(files) == 1 and files[0].startswith("ref_logps-")
 
     # Same weights and data: read back, not recomputed.
-    import dpo_fast.trainer as trainer_module
+    import dpo_fast.training.trainer as trainer_module
 
     def fail(*a, **k):
         raise AssertionError("the cached reference log-probs should have been reused")
@@ -328,7 +328,7 @@ def test_train_logs_trl_metrics_chart_and_exports(tmp_path, tokenizer):
 
 
 def test_metrics_logger_writes_jsonl_tensorboard_and_chart(tmp_path, monkeypatch):
-    import dpo_fast.metrics as metrics
+    import dpo_fast.training.metrics as metrics
 
     scalars = []
 
@@ -605,7 +605,7 @@ def test_cuda_micro_batches_add_no_host_sync(tmp_path, tokenizer):
 
 
 def test_an_unavailable_preferred_attention_falls_back_with_a_warning(tmp_path, tokenizer, monkeypatch):
-    import dpo_fast.trainer as trainer_module
+    import dpo_fast.training.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "preferred_attention", lambda model, layout, device: "no_such_attention")
     vocab = len(tokenizer)

@@ -38,7 +38,7 @@ returns a 4D `attention_mask` tensor or a `BlockMask` as is, before it looks at 
 packed-sequence detection (which would rebuild a block-causal mask from position resets) never runs and
 cannot override ours; the eager attention adds the float mask to the scores and sdpa receives it as
 `attn_mask` with `is_causal=False`. Layers with a sliding window get the same mask: the window is not
-applied (`dpo_fast.scoring` refuses sequences longer than the window).
+applied (`dpo_fast.training.scoring` refuses sequences longer than the window).
 """
 
 from __future__ import annotations

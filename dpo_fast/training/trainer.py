@@ -61,9 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import checkpoint as ckpt
-from .config import DPOConfig
-from .data.attention import (
+from ..data.attention import (
     attention_implementation,
     model_inputs,
     preferred_attention,
@@ -71,11 +69,13 @@ from .data.attention import (
     set_attention,
     uses_dense_mask,
 )
-from .data.layouts import build_batch, unit_lengths
-from .data.pairs import ROLE_PAD, Batch, TokenizedPair
-from .data.summary import layout_padding, padding_line, summarize_data
-from .loss.formulas import DPOOutput, loss_from_logps
-from .loss.functional import linear_dpo_loss
+from ..data.layouts import build_batch, unit_lengths
+from ..data.pairs import ROLE_PAD, Batch, TokenizedPair
+from ..data.summary import layout_padding, padding_line, summarize_data
+from ..loss.formulas import DPOOutput, loss_from_logps
+from ..loss.functional import linear_dpo_loss
+from . import checkpoint as ckpt
+from .config import DPOConfig
 from .metrics import (
     CHART_FILE,
     METRICS_FILE,
@@ -425,8 +425,8 @@ class DPOTrainer:
                                 "pass one kind")
             import datasets
 
-            from .data.formats import load_preferences_with_report
-            from .data.tokenization import tokenize_dataset
+            from ..data.formats import load_preferences_with_report
+            from ..data.tokenization import tokenize_dataset
 
             report = None
             if isinstance(data, datasets.Dataset):
@@ -458,7 +458,7 @@ class DPOTrainer:
     def _check_pair_sizes(self, pairs: list[TokenizedPair], name: str) -> None:
         budget = self.config.max_tokens_per_batch
         if budget and name == "train_data":
-            from .data.layouts import pair_cost
+            from ..data.layouts import pair_cost
 
             for i, p in enumerate(pairs):
                 if pair_cost(p, self.layout) > budget:
@@ -663,8 +663,8 @@ class DPOTrainer:
         order = self._epoch_order(epoch)
         c = self.config
         if c.max_tokens_per_batch:
-            from .data.layouts import pair_cost
-            from .data.packing import pack
+            from ..data.layouts import pair_cost
+            from ..data.packing import pack
 
             costs = [pair_cost(self.train_pairs[i], self.layout) for i in order]
             bins = pack(costs, c.max_tokens_per_batch, world_size=self.world_size, seed=c.seed + epoch)

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data.attention import attention_for, attention_implementation, model_inputs, row_multiple, uses_dense_mask
-from .data.layouts import build_batch, check_layout, group_pairs, unit_lengths
-from .data.pairs import IGNORE_INDEX, TokenizedPair
-from .loss import ops
-from .loss.validation import resolve_backend
+from ..data.attention import attention_for, attention_implementation, model_inputs, row_multiple, uses_dense_mask
+from ..data.layouts import build_batch, check_layout, group_pairs, unit_lengths
+from ..data.pairs import IGNORE_INDEX, TokenizedPair
+from ..loss import ops
+from ..loss.validation import resolve_backend
 
 # Rows of the softcapped head's logit tile (that head is not linear, so it materialises [chunk, V]).
 SOFTCAP_CHUNK_TOKENS = 256
@@ -136,7 +136,7 @@ def _as_tokenized(pairs: Sequence[TokenizedPair | Mapping[str, Any]], tokenizer,
         if isinstance(p, Mapping):
             if tokenizer is None:
                 raise ValueError(f"pairs[{i}] is a raw row: pass the tokenizer to tokenize it, or TokenizedPair rows")
-            from .data.tokenization import tokenize_row
+            from ..data.tokenization import tokenize_row
 
             outcome = tokenize_row(tokenizer, p, max_length=max_length, index=i)
             if outcome.pair is None:

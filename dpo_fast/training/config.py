@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data.pairs import LAYOUTS
-from .loss.formulas import REFERENCE_FREE, LossConfig
-from .loss.validation import BACKENDS
+from ..data.pairs import LAYOUTS
+from ..loss.formulas import REFERENCE_FREE, LossConfig
+from ..loss.validation import BACKENDS
 
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw_torch", "sgd")
