@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpo_fast import tasks
 from dpo_fast.data.pairs import IGNORE_INDEX
+from dpo_fast.demo import tasks
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +349,7 @@ def test_demo_outputs_feed_score_and_rank(quick_run):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    from dpo_fast import demo
+    from dpo_fast.demo import run as demo
 
     assert demo.main(["--quick", "--sft-steps", "-1", "--output-dir", str(tmp_path)]) == 2
     assert "sft_steps must be >= 0" in capsys.readouterr().err

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-from dpo_fast import evaluation  # noqa: E402
 from dpo_fast.data.tokenization import tokenize_pair  # noqa: E402
-from dpo_fast.evaluation import (  # noqa: E402
+from dpo_fast.evaluation import rewards as evaluation  # noqa: E402
+from dpo_fast.evaluation.rewards import (
     bootstrap_means,
     bradley_terry,
     implicit_rewards,

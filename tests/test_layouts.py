@@ -460,7 +460,7 @@ def test_pair_logps_reference_path_and_defaults():
 
 def test_pair_logps_raw_rows_are_tokenized():
     from dpo_fast.data.tokenization import tokenize_pair
-    from dpo_fast.tasks import build_tokenizer
+    from dpo_fast.demo.tasks import build_tokenizer
 
     tokenizer = build_tokenizer()
     rows = [{"prompt": "sort 3 1 2 =", "chosen": " 1 2 3", "rejected": " 3 2 1 1"},

@@ -35,3 +35,6 @@ def test_documented_import_paths_still_work():
     from dpo_fast.data import formats, load_preferences
 
     assert load_preferences is formats.load_preferences
+    from dpo_fast.evaluation import implicit_rewards, rewards
+
+    assert implicit_rewards is rewards.implicit_rewards

@@ -19,11 +19,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import assert_close  # noqa: E402
 
-from dpo_fast import dpo_loss, evaluation, linear_sequence_logps, tasks  # noqa: E402
+from dpo_fast import dpo_loss, linear_sequence_logps
 from dpo_fast.commands import rank as rank_command  # noqa: E402
 from dpo_fast.commands import score as score_command  # noqa: E402
 from dpo_fast.data.attention import attention_kwargs  # noqa: E402
 from dpo_fast.data.layouts import build_batch  # noqa: E402
+from dpo_fast.demo import tasks  # noqa: E402
+from dpo_fast.evaluation import rewards as evaluation
 from dpo_fast.training.scoring import pair_logps  # noqa: E402
 
 BETA = 0.5

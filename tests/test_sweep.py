@@ -13,8 +13,8 @@ import torch
 from helpers import assert_close
 
 from dpo_fast.commands import sweep_cmd
-from dpo_fast.demo import QUICK, DemoSettings
-from dpo_fast.sweep import (
+from dpo_fast.demo.run import QUICK, DemoSettings
+from dpo_fast.evaluation.sweep import (
     BetaResult,
     demo_config,
     demo_setup,
@@ -24,7 +24,7 @@ from dpo_fast.sweep import (
     run_sweep,
     train_one,
 )
-from dpo_fast.synth import generate_completions
+from dpo_fast.evaluation.synth import generate_completions
 
 
 def result(beta, acc, kl, margin=0.0):
@@ -224,7 +224,7 @@ def test_command_rejects_a_bad_training_flag(capsys):
 
 
 def test_command_on_files_holds_out_a_fraction(tmp_path, setup, capsys):
-    from dpo_fast import tasks
+    from dpo_fast.demo import tasks
 
     model_dir = tmp_path / "model"
     setup.model.save_pretrained(model_dir)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import assert_close
 
-from dpo_fast import tasks
 from dpo_fast.commands import synth_cmd
 from dpo_fast.data.formats import load_preferences
-from dpo_fast.synth import (
+from dpo_fast.demo import tasks
+from dpo_fast.evaluation.synth import (
     PAIRINGS,
     ConfidenceScorer,
     ImplicitRewardScorer,
@@ -253,7 +253,7 @@ def test_text_codec_follows_tokenize_pair(tokenizer):
 
 def test_verifier_pairs_chosen_verify_and_rejected_do_not(tmp_path, tokenizer):
     prompts = read_prompts("demo", limit=24)
-    result = synthesize(HabitSampler(tokenizer), tokenizer, prompts, scorer="dpo_fast.tasks:verify", n=4,
+    result = synthesize(HabitSampler(tokenizer), tokenizer, prompts, scorer="dpo_fast.demo.tasks:verify", n=4,
                         max_new_tokens=12, seed=0, batch_size=7, codec=TaskCodec(tokenizer))
     report = result.report
     assert report.pairs == len(result.rows) > 0
@@ -264,7 +264,7 @@ def test_verifier_pairs_chosen_verify_and_rejected_do_not(tmp_path, tokenizer):
         assert tasks.verify(row["prompt"], row["chosen"]) and not tasks.verify(row["prompt"], row["rejected"])
         assert (row["score_chosen"], row["score_rejected"]) == (1.0, 0.0)
     path = tmp_path / "out.jsonl"
-    from dpo_fast.synth import write_jsonl
+    from dpo_fast.evaluation.synth import write_jsonl
 
     write_jsonl(str(path), result.rows)
     loaded = load_preferences(str(path))
@@ -319,8 +319,8 @@ def test_bad_scorer_is_named_with_prompt_and_value(scorer_module, tokenizer, nam
 @pytest.mark.parametrize("spec, message", [
     ("nope", "scorer 'nope' is not known"),
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("dpo_fast.tasks:missing", "has no attribute 'missing'"),
-    ("dpo_fast.tasks:TASK_CHARS", "not a callable"),
+    ("dpo_fast.demo.tasks:missing", "has no attribute 'missing'"),
+    ("dpo_fast.demo.tasks:TASK_CHARS", "not a callable"),
     ("implicit:only_one", "expected 'implicit:POLICY,REF'"),
 ])
 def test_bad_scorer_specs(spec, message):
@@ -411,7 +411,7 @@ def test_command_unknown_pairing(tmp_path, model_dir, capsys):
 
 @pytest.mark.parametrize("flags, codec_class", [([], TextCodec), (["--encoding", "task"], TaskCodec)])
 def test_command_encoding_picks_the_codec(tmp_path, model_dir, tokenizer, monkeypatch, flags, codec_class):
-    import dpo_fast.synth as synth_module
+    import dpo_fast.evaluation.synth as synth_module
 
     seen = {}
 

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _rank(args: argparse.Namespace) -> int:
-    from ..evaluation import rank_models, write_rank_outputs
+    from ..evaluation.rewards import rank_models, write_rank_outputs
 
     names = _names(args)
     refs = _references(args)

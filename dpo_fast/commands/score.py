@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from ..evaluation import score_pairs, write_scores
+    from ..evaluation.rewards import score_pairs, write_scores
 
     ref_name = None if args.reference_free else args.ref_model
     check_common_arguments(args)

@@ -14,7 +14,7 @@ import random
 import sys
 
 from ..cli import add_config_arguments, flag_spelling
-from ..sweep import KL_SAMPLES
+from ..evaluation.sweep import KL_SAMPLES
 from ..training.config import DPOConfig, coerce_field
 from .sources import CommandError, error_text, load_causal_lm, load_tokenizer, resolve_model_source
 
@@ -82,8 +82,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _demo_inputs(args, overrides):
-    from ..demo import QUICK, DemoSettings
-    from ..sweep import demo_config, demo_setup
+    from ..demo.run import QUICK, DemoSettings
+    from ..evaluation.sweep import demo_config, demo_setup
 
     values = dict(QUICK) if args.quick else {}
     if args.sft_steps is not None:
@@ -133,7 +133,7 @@ def _file_inputs(args, overrides):
 
 def run(args: argparse.Namespace) -> int:
     """Run `dpo-fast sweep`; returns the exit status (2 for a mistake in the command line)."""
-    from ..sweep import format_table, parse_betas, run_sweep, write_outputs
+    from ..evaluation.sweep import format_table, parse_betas, run_sweep, write_outputs
 
     try:
         betas = parse_betas(args.beta)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..synth import PAIRINGS
+from ..evaluation.synth import PAIRINGS
 
 DEMO = "demo"
 ENCODINGS = ("text", "task")
@@ -23,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="Use only the first LIMIT prompts.")
     parser.add_argument("--n", type=int, default=4, help="Responses sampled per prompt (default: 4).")
     parser.add_argument("--scorer", required=True,
-                        help="'module:function' (f(prompt, response) -> number or bool, e.g. dpo_fast.tasks:verify), "
-                             "'length', 'confidence' (mean token log-prob under --model), 'reward-model:PATH' "
-                             "(a sequence classifier) or 'implicit:POLICY,REF' (DPO implicit reward).")
+                        help="'module:function' (f(prompt, response) -> number or bool, e.g. "
+                             "dpo_fast.demo.tasks:verify), 'length', 'confidence' (mean token log-prob under --model), "
+                             "'reward-model:PATH' (a sequence classifier) or 'implicit:POLICY,REF' (DPO implicit "
+                             "reward).")
     parser.add_argument("--pairing", default="best_vs_worst", choices=PAIRINGS,
                         help="How scored responses become pairs (default: best_vs_worst).")
     parser.add_argument("--margin", type=float, default=0.0,
@@ -72,13 +73,13 @@ def _check(args: argparse.Namespace) -> str | None:
 
 
 def _load(args: argparse.Namespace):
-    from ..synth import TaskCodec, TextCodec
+    from ..evaluation.synth import TaskCodec, TextCodec
 
     encoding = getattr(args, "encoding", None) or ("task" if args.model == DEMO else "text")
     codec_class = TaskCodec if encoding == "task" else TextCodec
     if args.model == DEMO:
-        from ..demo import DemoSettings
-        from ..sweep import demo_setup
+        from ..demo.run import DemoSettings
+        from ..evaluation.sweep import demo_setup
 
         settings = DemoSettings() if args.sft_steps is None else DemoSettings(sft_steps=args.sft_steps)
         setup = demo_setup(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -92,7 +93,7 @@ def _load(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run `dpo-fast synth`; returns the exit status (2 for bad input, nothing written then)."""
-    from ..synth import ScorerError, check_scorer_spec, read_prompts, synthesize, write_jsonl
+    from ..evaluation.synth import ScorerError, check_scorer_spec, read_prompts, synthesize, write_jsonl
 
     problem = _check(args)
     if problem:

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .data.pairs import TokenizedPair
-from .training.checkpoint import atomic_write_bytes
+from ..data.pairs import TokenizedPair
+from ..training.checkpoint import atomic_write_bytes
 
 KL_SAMPLES = ("sampled", "greedy")
 KL_ESTIMATOR = "KL(policy || ref) per token, estimated by r - 1 - log r with r = pi_ref / pi (>= 0)"
@@ -142,9 +142,9 @@ def heldout_metrics(policy, reference, eval_pairs: Sequence[TokenizedPair], *, b
                     pad_token_id: int = 0, kl_samples: str = "sampled", max_new_tokens: int = 32, seed: int = 0,
                     batch_size: int = 32) -> dict[str, float]:
     """reward_accuracy, margin, kl and chosen_drift of `policy` against `reference` (module docstring)."""
-    from .evaluation import pair_token_logps
+    from ..training.scoring import pair_logps
+    from .rewards import pair_token_logps
     from .synth import generate_completions
-    from .training.scoring import pair_logps
 
     if kl_samples not in KL_SAMPLES:
         raise ValueError(f"kl_samples={kl_samples!r} is not known; expected one of {', '.join(KL_SAMPLES)}")
@@ -211,7 +211,7 @@ def _special_ids(tokenizer) -> tuple[int, int]:
 def train_one(policy, reference, tokenizer, train_pairs: list[TokenizedPair], eval_pairs: list[TokenizedPair], *,
               config, kl_samples: str, max_new_tokens: int, eval_batch_size: int = 32) -> BetaResult:
     """Train `policy` (in place) with `config` against `reference`, then measure it on `eval_pairs`."""
-    from .training.trainer import DPOTrainer
+    from ..training.trainer import DPOTrainer
 
     start = time.perf_counter()
     trainer = DPOTrainer(policy, tokenizer, train_pairs, config=config, ref_model=reference)
@@ -232,10 +232,10 @@ def run_sweep(model, tokenizer, train_pairs: Sequence[TokenizedPair], eval_pairs
     """One DPO run per beta from `model`'s current weights (left untouched); returns the report.
 
     base_config: a `DPOConfig` whose beta and output_dir are replaced per run (output_dir/beta_<beta>).
-    processes: run each beta in a fresh Python process (`python -m dpo_fast.sweep --run-one`), from the
+    processes: run each beta in a fresh Python process (`python -m dpo_fast.evaluation.sweep --run-one`), from the
     initial weights saved once under output_dir/initial: no state can leak from one run to the next.
     """
-    from .training.trainer import check_output_dir
+    from ..training.trainer import check_output_dir
 
     betas = parse_betas(list(betas))
     if kl_samples not in KL_SAMPLES:
@@ -301,7 +301,7 @@ def _run_in_processes(model, tokenizer, train_pairs, eval_pairs, configs, output
         spec = {"initial": initial, "pairs": data_path, "config": config.to_dict(), "kl_samples": kl_samples,
                 "max_new_tokens": max_new_tokens, "result": result_path}
         atomic_write_bytes(spec_path, json.dumps(spec).encode())
-        done = subprocess.run([sys.executable, "-m", "dpo_fast.sweep", "--run-one", spec_path])
+        done = subprocess.run([sys.executable, "-m", "dpo_fast.evaluation.sweep", "--run-one", spec_path])
         if done.returncode != 0 or not os.path.isfile(result_path):
             raise RuntimeError(f"the sweep run for beta={config.beta:g} failed (exit status {done.returncode}); "
                                f"its spec is {spec_path}")
@@ -316,7 +316,7 @@ def _run_one(spec_path: str) -> int:
     """The body of one subprocess run: reload the initial weights, train, measure, write the result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .training.config import DPOConfig
+    from ..training.config import DPOConfig
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -410,9 +410,10 @@ class DemoSetup:
 
 
 def demo_setup(settings=None, *, log=print) -> DemoSetup:
-    """The demo's tokenizer, its SFT model (`dpo_fast.demo.build_model` + `sft`) and its train/held-out pairs,
+    """The demo's tokenizer, its SFT model (`dpo_fast.demo.run.build_model` + `sft`) and its train/held-out pairs,
     exactly as `dpo-fast demo` builds them before DPO."""
-    from . import demo, tasks
+    from ..demo import run as demo
+    from ..demo import tasks
 
     settings = settings or demo.DemoSettings()
     torch.manual_seed(settings.seed)
@@ -432,8 +433,8 @@ def demo_setup(settings=None, *, log=print) -> DemoSetup:
 
 
 def demo_config(settings, pairs: Sequence[TokenizedPair], output_dir: str, **overrides: Any):
-    """The `DPOConfig` the demo trains with (`dpo_fast.demo.dpo`), with `overrides` on top."""
-    from .training.config import DPOConfig
+    """The `DPOConfig` the demo trains with (`dpo_fast.demo.run.dpo`), with `overrides` on top."""
+    from ..training.config import DPOConfig
 
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     values: dict[str, Any] = dict(
@@ -451,8 +452,8 @@ def demo_config(settings, pairs: Sequence[TokenizedPair], output_dir: str, **ove
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dpo_fast.sweep --run-one SPEC`: one run of a `processes=True` sweep (internal)."""
-    parser = argparse.ArgumentParser(prog="python -m dpo_fast.sweep")
+    """`python -m dpo_fast.evaluation.sweep --run-one SPEC`: one run of a `processes=True` sweep (internal)."""
+    parser = argparse.ArgumentParser(prog="python -m dpo_fast.evaluation.sweep")
     parser.add_argument("--run-one", required=True, help="The JSON spec of one sweep run (written by run_sweep).")
     args = parser.parse_args(argv)
     return _run_one(args.run_one)

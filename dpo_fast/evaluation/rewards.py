@@ -43,9 +43,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .data.layouts import check_layout
-from .data.pairs import TokenizedPair
-from .training.scoring import output_head, pair_logps, scored_batches
+from ..data.layouts import check_layout
+from ..data.pairs import TokenizedPair
+from ..training.scoring import output_head, pair_logps, scored_batches
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _tokenize_responses(tokenizer, prompts: Sequence[Any], responses: Sequence[A
     The filler (one character, then EOS) is no longer than any non-empty response for tokenizers that
     encode one character as one token, so it does not change how the row is truncated.
     """
-    from .data.tokenization import tokenize_dataset, tokenize_pair
+    from ..data.tokenization import tokenize_dataset, tokenize_pair
 
     rows = [{"prompt": p, "chosen": r, "rejected": _FILLERS[0]} for p, r in zip(prompts, responses)]
     kept, _ = tokenize_dataset(tokenizer, rows, max_length=max_length)
@@ -268,10 +268,10 @@ class PreparedPairs:
 def prepare_pairs(tokenizer, data: Any, *, max_length: int = 1024) -> PreparedPairs:
     """`data` (a path, a `load_preferences` Dataset, raw {prompt, chosen, rejected} rows, or TokenizedPair
     rows) -> tokenized pairs. Rows the tokenizer drops are counted and skipped; none left raises."""
-    from .data.tokenization import tokenize_dataset
+    from ..data.tokenization import tokenize_dataset
 
     if isinstance(data, (str, os.PathLike)):
-        from .data.formats import load_preferences
+        from ..data.formats import load_preferences
 
         data = load_preferences(os.fspath(data))
     rows = list(data)
@@ -689,7 +689,7 @@ def rank_models(models: Sequence[tuple[str, Any, Any]], tokenizer, data: Any, *,
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    from .training.checkpoint import atomic_write_bytes
+    from ..training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, data)
 

@@ -10,7 +10,7 @@ Scorers (`make_scorer` specs):
 
 =====================  =================================================================================
 "module:function"      any Python callable, called as f(prompt, response) -> number; a bool counts as 1/0
-                       (e.g. "dpo_fast.tasks:verify", which checks the sorting task's answers).
+                       (e.g. "dpo_fast.demo.tasks:verify", which checks the sorting task's answers).
 "length"               the response's length in characters (longer is preferred).
 "confidence"           mean token log-prob of the response under the sampling model (EOS included when
                        it was generated).
@@ -104,15 +104,15 @@ class TextCodec:
 
 
 class TaskCodec(TextCodec):
-    """The sorting task's encoding (`dpo_fast.tasks`): BOS + prompt characters, completion characters + EOS."""
+    """The sorting task's encoding (`dpo_fast.demo.tasks`): BOS + prompt characters, completion characters + EOS."""
 
     def encode_prompt(self, prompt: str | list) -> list[int]:
-        from . import tasks
+        from ..demo import tasks
 
         return tasks.encode_prompt(self.tokenizer, prompt)
 
     def encode_completion(self, prompt: str | list, completion: str) -> list[int]:
-        from . import tasks
+        from ..demo import tasks
 
         return tasks.encode_completion(self.tokenizer, completion)
 
@@ -215,8 +215,8 @@ def sequence_logps(model, prompt_ids: Sequence[Sequence[int]], completion_ids: S
     Completions of the same prompt travel two at a time as the chosen and rejected side of one
     prefix-shared pair (the prompt is run once for both); a leftover one is paired with itself.
     """
-    from .data.pairs import TokenizedPair
-    from .training.scoring import pair_logps
+    from ..data.pairs import TokenizedPair
+    from ..training.scoring import pair_logps
 
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -576,17 +576,17 @@ def synthesize(model, tokenizer, prompts: Sequence[Any], *, scorer: str | Callab
 
 def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
     """JSON lines, written to a temporary file next to `path` then moved into place."""
-    from .training.checkpoint import atomic_write_bytes
+    from ..training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
 
 
 def read_prompts(source: str, *, limit: int | None = None) -> list[Any]:
     """Prompts from a .jsonl file (a "prompt" field per row: string or message list), a .txt file (one per
-    non-blank line) or "demo" (the sorting task's DPO training prompts, `dpo_fast.demo.DemoSettings`)."""
+    non-blank line) or "demo" (the sorting task's DPO training prompts, `dpo_fast.demo.run.DemoSettings`)."""
     if source == "demo":
-        from . import tasks
-        from .demo import DemoSettings
+        from ..demo import tasks
+        from ..demo.run import DemoSettings
 
         s = DemoSettings()
         splits = tasks.make_prompts(s.num_train_prompts, s.num_held_out, seed=s.seed, min_len=s.min_len,

@@ -1,7 +1,7 @@
 """`dpo-fast demo`: DPO end to end on a verifiable task, offline, on a laptop CPU in a few minutes.
 
 1. Build a tiny Llama (random init, seeded) and a character tokenizer, both in code: no download.
-2. SFT it on "sort the digits" (`dpo_fast.tasks`) with a bad habit mixed in: most training answers
+2. SFT it on "sort the digits" (`dpo_fast.demo.tasks`) with a bad habit mixed in: most training answers
    have their last two numbers swapped, so its greedy answers are mostly wrong though it can sort.
 3. DPO it with `DPOTrainer` (fused lm_head loss, prefix-shared packed batches, token-budget packer)
    on pairs (correct answer, plausible mistake); the reference is the SFT model, frozen.
@@ -172,8 +172,8 @@ def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir:
 
     overrides: further `DPOConfig` fields (e.g. nll_weight), for experiments beyond the demo's settings.
     """
-    from .training.config import DPOConfig
-    from .training.trainer import DPOTrainer
+    from ..training.config import DPOConfig
+    from ..training.trainer import DPOTrainer
 
     longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     values: dict[str, Any] = dict(
@@ -200,7 +200,7 @@ def dpo(policy, reference, tokenizer, pairs, settings: DemoSettings, output_dir:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    from .training.checkpoint import atomic_write_bytes
+    from ..training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -236,7 +236,7 @@ def write_chart(path: str, before: dict, after: dict, dpo_history: list[dict[str
         ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    from .training.checkpoint import atomic_write_bytes
+    from ..training.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -367,7 +367,7 @@ def _describe(label: str, m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpo_fast.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo_fast.demo.run", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
