@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import tiny_model  # noqa: E402
 from tiny_tokenizer import make_tokenizer  # noqa: E402
 
-from dpo_fast import cli  # noqa: E402
+from dpo_fast.commands import flags, train  # noqa: E402
+from dpo_fast.commands import main as cli  # noqa: E402
 from dpo_fast.training.config import DPOConfig  # noqa: E402
 from dpo_fast.training.metrics import read_metrics  # noqa: E402
 
@@ -74,7 +75,7 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     parser = cli.build_parser(["train"])
     args = parser.parse_args(["train", "--model", "m", "--data", "d", "--config", str(cfg), "--beta", "0.5",
                               "--gradient_checkpointing", "--output-dir", str(tmp_path / "o")])
-    config = cli.config_from_args(parser, args)
+    config = train.config_from_args(parser, args)
     assert config.beta == 0.5 and config.learning_rate == 2e-6 and config.layout == "packed"
     assert config.gradient_checkpointing and config.output_dir == str(tmp_path / "o")
     assert config.seed == DPOConfig().seed
@@ -202,7 +203,7 @@ def test_loss_type_help_lists_the_choices():
     ("report_to_tensorboard=False", "--no-report-to-tensorboard"),
 ])
 def test_flag_spelling(message, expected):
-    assert cli.flag_spelling(message) == expected
+    assert flags.flag_spelling(message) == expected
 
 
 def test_train_end_to_end(tmp_path, model_dir, data_file, capsys):
@@ -311,6 +312,6 @@ def test_resuming_with_another_batch_size_or_data_is_refused_before_loading(tmp_
 def test_done_line_says_which_loss_is_which():
     trainer = types.SimpleNamespace(global_step=7)
     config = DPOConfig(logging_steps=5, output_dir="out")
-    line = cli._done_line(trainer, config, {"loss": 0.5, "last_step_loss": 0.25, "rewards/accuracies": 0.75})
+    line = train._done_line(trainer, config, {"loss": 0.5, "last_step_loss": 0.25, "rewards/accuracies": 0.75})
     assert line == ("done: 7 steps; loss 0.5 (mean over steps 6-7); last step's loss 0.25; "
                     f"rewards/accuracies=0.75; model and tokenizer saved in {os.path.join('out', 'final')}")

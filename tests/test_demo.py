@@ -296,7 +296,7 @@ def test_identical_models_have_no_reward_no_margin_and_no_kl(tokenizer):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    from dpo_fast import cli
+    from dpo_fast.commands import main as cli
 
     out = tmp_path_factory.mktemp("demo")
     status = cli.main(["demo", "--quick", "--output-dir", str(out), "--seed", "3", "--dpo-steps", "2"])

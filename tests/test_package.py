@@ -38,3 +38,10 @@ def test_documented_import_paths_still_work():
     from dpo_fast.evaluation import implicit_rewards, rewards
 
     assert implicit_rewards is rewards.implicit_rewards
+    from dpo_fast import cli
+    from dpo_fast.commands import main
+
+    assert cli.main is main.main
+    # torchrun in the README runs `-m dpo_fast.cli`.
+    out = subprocess.run([sys.executable, "-m", "dpo_fast.cli", "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--learning-rate" in out.stdout, out.stderr

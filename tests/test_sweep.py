@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from dpo_fast.commands import sweep_cmd
+from dpo_fast.commands import sweep as sweep_command
 from dpo_fast.demo.run import QUICK, DemoSettings
 from dpo_fast.evaluation.sweep import (
     BetaResult,
@@ -159,7 +159,7 @@ def _close(a: dict, b: dict, keys=("reward_accuracy", "margin", "kl", "chosen_dr
 
 def test_demo_sweep_three_betas_from_the_same_weights(tmp_path, setup, capsys):
     out = tmp_path / "sweep"
-    status = sweep_cmd.main(["--demo", "--quick", "--beta", "0.03,0.1,0.3", "--output-dir", str(out),
+    status = sweep_command.main(["--demo", "--quick", "--beta", "0.03,0.1,0.3", "--output-dir", str(out),
                              "--kl-budget", "1e9", "--max-steps", "2"])
     assert status == 0
     printed = capsys.readouterr().out
@@ -212,14 +212,14 @@ def test_sweep_refuses_a_used_output_dir_before_training(tmp_path, setup):
 ])
 def test_command_bad_input(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
-    assert sweep_cmd.main(argv + ["--output-dir", str(out)]) == 2
+    assert sweep_command.main(argv + ["--output-dir", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_command_rejects_a_bad_training_flag(capsys):
     with pytest.raises(SystemExit):
-        sweep_cmd.main(["--demo", "--beta", "0.1", "--learning-rate", "fast"])
+        sweep_command.main(["--demo", "--beta", "0.1", "--learning-rate", "fast"])
     assert "learning_rate must be float" in capsys.readouterr().err
 
 
@@ -234,7 +234,7 @@ def test_command_on_files_holds_out_a_fraction(tmp_path, setup, capsys):
     data.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in rows))
     (tmp_path / "train.yaml").write_text("learning_rate: 1e-3\nmax_steps: 1\nbeta: 7.0\n")
     out = tmp_path / "sweep"
-    status = sweep_cmd.main(["--model", str(model_dir), "--data", str(data), "--beta", "0.1,0.5", "--output-dir",
+    status = sweep_command.main(["--model", str(model_dir), "--data", str(data), "--beta", "0.1,0.5", "--output-dir",
                              str(out), "--eval-fraction", "0.25", "--config", str(tmp_path / "train.yaml"),
                              "--max-length", "32", "--per-device-train-batch-size", "4", "--max-new-tokens", "6"])
     assert status == 0, capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from dpo_fast.commands import synth_cmd
+from dpo_fast.commands import synth as synth_command
 from dpo_fast.data.formats import load_preferences
 from dpo_fast.demo import tasks
 from dpo_fast.evaluation.synth import (
@@ -361,8 +361,8 @@ def _cli(argv):
     import argparse
 
     parser = argparse.ArgumentParser()
-    synth_cmd.add_arguments(parser)
-    return synth_cmd.run(parser.parse_args(argv))
+    synth_command.add_arguments(parser)
+    return synth_command.run(parser.parse_args(argv))
 
 
 def test_command_writes_a_loadable_dataset(tmp_path, model_dir, capsys):
@@ -401,10 +401,10 @@ def test_command_unknown_pairing(tmp_path, model_dir, capsys):
               "--output", str(tmp_path / "o.jsonl")])
     assert exit_info.value.code == 2
     assert "invalid choice: 'best_vs_each'" in capsys.readouterr().err
-    # The same through run() with a namespace built elsewhere (the lead's cli.py).
+    # The same through run() with a namespace built elsewhere (dpo_fast.commands.main's).
     args = types.SimpleNamespace(pairing="best_vs_each", n=4, max_new_tokens=8, batch_size=4, temperature=1.0,
                                  top_p=1.0, output=str(tmp_path / "o.jsonl"))
-    assert synth_cmd.run(args) == 2
+    assert synth_command.run(args) == 2
     assert "pairing 'best_vs_each' is not known" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 

@@ -13,9 +13,9 @@ import os
 import random
 import sys
 
-from ..cli import add_config_arguments, flag_spelling
 from ..evaluation.sweep import KL_SAMPLES
 from ..training.config import DPOConfig, coerce_field
+from .flags import add_config_arguments, flag_spelling
 from .sources import CommandError, error_text, load_causal_lm, load_tokenizer, resolve_model_source
 
 # DPOConfig fields the sweep sets itself: one beta per run, one output directory per run.
