@@ -14,10 +14,9 @@ from helpers import assert_close
 
 from dpo_fast.commands import sweep as sweep_command
 from dpo_fast.demo.run import QUICK, DemoSettings
+from dpo_fast.demo.setup import demo_config, demo_setup
 from dpo_fast.evaluation.sweep import (
     BetaResult,
-    demo_config,
-    demo_setup,
     heldout_metrics,
     parse_betas,
     recommend,

@@ -15,13 +15,13 @@ from helpers import assert_close
 from dpo_fast.commands import synth as synth_command
 from dpo_fast.data.formats import load_preferences
 from dpo_fast.demo import tasks
+from dpo_fast.demo.setup import TaskCodec, demo_prompts
 from dpo_fast.evaluation.synth import (
     PAIRINGS,
     ConfidenceScorer,
     ImplicitRewardScorer,
     Response,
     ScorerError,
-    TaskCodec,
     TextCodec,
     generate_completions,
     make_scorer,
@@ -252,7 +252,7 @@ def test_text_codec_follows_tokenize_pair(tokenizer):
 
 
 def test_verifier_pairs_chosen_verify_and_rejected_do_not(tmp_path, tokenizer):
-    prompts = read_prompts("demo", limit=24)
+    prompts = demo_prompts(limit=24)
     result = synthesize(HabitSampler(tokenizer), tokenizer, prompts, scorer="dpo_fast.demo.tasks:verify", n=4,
                         max_new_tokens=12, seed=0, batch_size=7, codec=TaskCodec(tokenizer))
     report = result.report
@@ -346,7 +346,7 @@ def test_read_prompts_formats_and_errors(tmp_path):
         read_prompts(str(tmp_path / "empty.txt"))
     with pytest.raises(ValueError, match="does not exist"):
         read_prompts(str(tmp_path / "missing.txt"))
-    assert len(read_prompts("demo", limit=5)) == 5
+    assert len(demo_prompts(limit=5)) == 5
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _demo_inputs(args, overrides):
     from ..demo.run import QUICK, DemoSettings
-    from ..evaluation.sweep import demo_config, demo_setup
+    from ..demo.setup import demo_config, demo_setup
 
     values = dict(QUICK) if args.quick else {}
     if args.sft_steps is not None:

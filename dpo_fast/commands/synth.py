@@ -73,13 +73,14 @@ def _check(args: argparse.Namespace) -> str | None:
 
 
 def _load(args: argparse.Namespace):
-    from ..evaluation.synth import TaskCodec, TextCodec
+    from ..demo.setup import TaskCodec
+    from ..evaluation.synth import TextCodec
 
     encoding = getattr(args, "encoding", None) or ("task" if args.model == DEMO else "text")
     codec_class = TaskCodec if encoding == "task" else TextCodec
     if args.model == DEMO:
         from ..demo.run import DemoSettings
-        from ..evaluation.sweep import demo_setup
+        from ..demo.setup import demo_setup
 
         settings = DemoSettings() if args.sft_steps is None else DemoSettings(sft_steps=args.sft_steps)
         setup = demo_setup(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -99,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return _fail(problem)
     try:
-        prompts = read_prompts(args.prompts, limit=args.limit)
+        if args.prompts == DEMO:
+            from ..demo.setup import demo_prompts
+
+            prompts = demo_prompts(limit=args.limit)
+        else:
+            prompts = read_prompts(args.prompts, limit=args.limit)
         # A misspelt scorer fails here, before a model is loaded or trained.
         check_scorer_spec(args.scorer)
     except ValueError as e:

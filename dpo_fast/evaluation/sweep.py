@@ -395,62 +395,6 @@ def write_outputs(report: SweepReport, output_dir: str) -> tuple[str, str | None
     return results_path, write_chart(os.path.join(output_dir, CHART_FILE), report)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The demo's task and SFT model
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DemoSetup:
-    model: Any
-    tokenizer: Any
-    train_pairs: list[TokenizedPair]
-    eval_pairs: list[TokenizedPair]
-    settings: Any
-
-
-def demo_setup(settings=None, *, log=print) -> DemoSetup:
-    """The demo's tokenizer, its SFT model (`dpo_fast.demo.run.build_model` + `sft`) and its train/held-out pairs,
-    exactly as `dpo-fast demo` builds them before DPO."""
-    from ..demo import run as demo
-    from ..demo import tasks
-
-    settings = settings or demo.DemoSettings()
-    torch.manual_seed(settings.seed)
-    tokenizer = tasks.build_tokenizer()
-    splits = tasks.make_prompts(settings.num_train_prompts, settings.num_held_out, seed=settings.seed,
-                                min_len=settings.min_len, max_len=settings.max_len)
-    model = demo.build_model(settings, tokenizer)
-    log(f"[sweep] demo: SFT of a tiny Llama, {settings.sft_steps} steps")
-    demo.sft(model, tokenizer, list(splits.train), settings)
-    train_rows = tasks.make_preference_rows(splits.train[: settings.dpo_pairs], seed=settings.seed + 3)
-    held_out_rows = tasks.make_preference_rows(splits.held_out, seed=settings.seed + 2)
-    return DemoSetup(
-        model=model.eval(), tokenizer=tokenizer, settings=settings,
-        train_pairs=[tasks.tokenize_row(tokenizer, row, index=i) for i, row in enumerate(train_rows)],
-        eval_pairs=[tasks.tokenize_row(tokenizer, row, index=i) for i, row in enumerate(held_out_rows)],
-    )
-
-
-def demo_config(settings, pairs: Sequence[TokenizedPair], output_dir: str, **overrides: Any):
-    """The `DPOConfig` the demo trains with (`dpo_fast.demo.run.dpo`), with `overrides` on top."""
-    from ..training.config import DPOConfig
-
-    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    values: dict[str, Any] = dict(
-        output_dir=output_dir, overwrite_output_dir=True, seed=settings.seed,
-        learning_rate=settings.dpo_learning_rate, max_steps=settings.dpo_steps, warmup_ratio=0.1,
-        lr_scheduler_type="cosine", beta=settings.beta, loss_type="sigmoid", layout="prefix_shared",
-        max_length=longest, max_tokens_per_row=4 * longest,
-        max_tokens_per_batch=settings.dpo_batch_size * 3 * longest // 2,
-        logging_steps=max(1, settings.dpo_steps // 30), report_to_tensorboard=False,
-        # A tiny model with memory to spare: recomputing its activations would only cost time.
-        gradient_checkpointing=False,
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m dpo_fast.evaluation.sweep --run-one SPEC`: one run of a `processes=True` sweep (internal)."""
     parser = argparse.ArgumentParser(prog="python -m dpo_fast.evaluation.sweep")

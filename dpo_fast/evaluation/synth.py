@@ -103,20 +103,6 @@ class TextCodec:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-class TaskCodec(TextCodec):
-    """The sorting task's encoding (`dpo_fast.demo.tasks`): BOS + prompt characters, completion characters + EOS."""
-
-    def encode_prompt(self, prompt: str | list) -> list[int]:
-        from ..demo import tasks
-
-        return tasks.encode_prompt(self.tokenizer, prompt)
-
-    def encode_completion(self, prompt: str | list, completion: str) -> list[int]:
-        from ..demo import tasks
-
-        return tasks.encode_completion(self.tokenizer, completion)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------------------
@@ -531,7 +517,7 @@ def synthesize(model, tokenizer, prompts: Sequence[Any], *, scorer: str | Callab
     """Sample `n` responses per prompt, dedupe, score, pair (see the module docstring). Writes nothing.
 
     prompts: strings, or message lists (chat models). codec: how prompts become ids (default: `TextCodec`,
-    the `tokenize_pair` convention; the sorting task's models use `TaskCodec`).
+    the `tokenize_pair` convention; the sorting task's models use `dpo_fast.demo.setup.TaskCodec`).
     """
     check_pairing(pairing)
     if not prompts:
@@ -582,44 +568,41 @@ def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def read_prompts(source: str, *, limit: int | None = None) -> list[Any]:
-    """Prompts from a .jsonl file (a "prompt" field per row: string or message list), a .txt file (one per
-    non-blank line) or "demo" (the sorting task's DPO training prompts, `dpo_fast.demo.run.DemoSettings`)."""
-    if source == "demo":
-        from ..demo import tasks
-        from ..demo.run import DemoSettings
-
-        s = DemoSettings()
-        splits = tasks.make_prompts(s.num_train_prompts, s.num_held_out, seed=s.seed, min_len=s.min_len,
-                                    max_len=s.max_len)
-        prompts: list[Any] = list(splits.train[: s.dpo_pairs])
+    """Prompts from a .jsonl file (a "prompt" field per row: string or message list) or a .txt file (one per
+    non-blank line). The command line also takes "demo", the sorting task's prompts
+    (`dpo_fast.demo.setup.demo_prompts`)."""
+    path = os.path.expanduser(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt file {source!r} does not exist (expected a .jsonl or .txt file, or 'demo')")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    if path.endswith(".jsonl"):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"prompt file {source!r} line {number}: not valid JSON ({e})") from None
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
+                raise ValueError(f"prompt file {source!r} line {number}: expected a record with a non-empty "
+                                 f"'prompt' string or message list, got {line[:80]!r}")
+            prompts.append(prompt)
+    elif path.endswith(".txt"):
+        prompts = [line for line in lines if line.strip()]
     else:
-        path = os.path.expanduser(source)
-        if not os.path.isfile(path):
-            raise ValueError(f"prompt file {source!r} does not exist (expected a .jsonl or .txt file, or 'demo')")
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-        if path.endswith(".jsonl"):
-            prompts = []
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"prompt file {source!r} line {number}: not valid JSON ({e})") from None
-                prompt = row.get("prompt") if isinstance(row, dict) else None
-                if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-                    raise ValueError(f"prompt file {source!r} line {number}: expected a record with a non-empty "
-                                     f"'prompt' string or message list, got {line[:80]!r}")
-                prompts.append(prompt)
-        elif path.endswith(".txt"):
-            prompts = [line for line in lines if line.strip()]
-        else:
-            raise ValueError(f"prompt file {source!r}: expected a .jsonl or .txt file, or 'demo'")
-        if not prompts:
-            raise ValueError(f"prompt file {source!r} holds no prompt")
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
-        prompts = prompts[:limit]
-    return prompts
+        raise ValueError(f"prompt file {source!r}: expected a .jsonl or .txt file, or 'demo'")
+    if not prompts:
+        raise ValueError(f"prompt file {source!r} holds no prompt")
+    return first_prompts(prompts, limit)
+
+
+def first_prompts(prompts: list[Any], limit: int | None) -> list[Any]:
+    """The first `limit` prompts (all of them for None)."""
+    if limit is None:
+        return prompts
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return prompts[:limit]
