@@ -534,7 +534,9 @@ def _peak_counter_kept():
 
 def _epoch_order(num_pairs: int, seed: int) -> list[int]:
     # dpo_fast.DPOTrainer's epoch-0 order (a seeded permutation); the worker checks it against the trainer.
-    return torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
+    from dpo_fast.training.plan import epoch_order
+
+    return epoch_order(num_pairs, seed, 0)
 
 
 def _prepare_data(

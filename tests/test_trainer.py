@@ -206,20 +206,6 @@ def test_accumulation_and_layouts_give_the_same_update(tmp_path, tokenizer):
         assert_grads_close(g, first, SPLIT_RTOL, f"{key} vs padded 4x1")
 
 
-def test_token_budget_batches_cover_each_pair_once_per_epoch(tmp_path, tokenizer):
-    vocab = len(tokenizer)
-    pairs = random_pairs(11, vocab, seed=9)
-    trainer = DPOTrainer(tiny_model(vocab), tokenizer, pairs,
-                         config=make_config(tmp_path, layout="packed", max_tokens_per_batch=80,
-                                            gradient_accumulation_steps=2))
-    plan = trainer.epoch_plan(0)
-    assert sorted(i for m in plan for i in m) == list(range(11))
-    for m in plan:
-        assert sum(pairs[i].num_tokens_padded for i in m) <= 80
-    steps = [trainer.step_micro_batches(0, s) for s in range(trainer.steps_per_epoch)]
-    assert [m for step in steps for m in step] == plan
-
-
 def test_reference_free_simpo_matches_oracle_and_keeps_no_reference(tmp_path, tokenizer):
     vocab = len(tokenizer)
     model = tiny_model(vocab)

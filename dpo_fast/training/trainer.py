@@ -75,6 +75,7 @@ from ..data.summary import layout_padding, padding_line, summarize_data
 from ..loss.formulas import DPOOutput, loss_from_logps
 from ..loss.functional import linear_dpo_loss
 from . import checkpoint as ckpt
+from . import plan
 from .config import DPOConfig
 from .metrics import (
     CHART_FILE,
@@ -337,8 +338,7 @@ class DPOTrainer:
             ref_model.to(self.device)
             self.ref_model = self._freeze(ref_model)
         self._plan_cache: tuple[int, list[list[int]]] | None = None
-        micro_per_step = config.gradient_accumulation_steps * self.world_size
-        self.steps_per_epoch = math.ceil(len(self.epoch_plan(0)) / micro_per_step)
+        self.steps_per_epoch = math.ceil(len(self.epoch_plan(0)) / plan.micro_batches_per_step(config, self.world_size))
         if config.max_steps > 0:
             self.total_steps = config.max_steps
         else:
@@ -647,48 +647,22 @@ class DPOTrainer:
 
     # -- data -------------------------------------------------------------------------------------
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.config.seed + epoch)
-        return torch.randperm(len(self.train_pairs), generator=g).tolist()
-
     def epoch_plan(self, epoch: int) -> list[list[int]]:
-        """All micro-batches of an epoch, in order, as lists of indices into train_pairs (same on every rank).
-
-        Pair batching: the epoch's permutation cut into per_device_train_batch_size pairs. Token batching
-        (max_tokens_per_batch > 0): the permutation packed into bins of that many tokens by
-        `dpo_fast.data.packing.pack`, ordered so that each run of world_size bins carries near-equal tokens.
-        """
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]
-        order = self._epoch_order(epoch)
-        c = self.config
-        if c.max_tokens_per_batch:
-            from ..data.layouts import pair_cost
-            from ..data.packing import pack
-
-            costs = [pair_cost(self.train_pairs[i], self.layout) for i in order]
-            bins = pack(costs, c.max_tokens_per_batch, world_size=self.world_size, seed=c.seed + epoch)
-            plan = [[order[k] for k in sorted(b)] for b in bins]
-        else:
-            size = c.per_device_train_batch_size
-            plan = [order[s:s + size] for s in range(0, len(order), size)]
-        self._plan_cache = (epoch, plan)
-        return plan
+        """All micro-batches of an epoch, in order, as lists of indices into train_pairs (`plan.epoch_plan`)."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            self._plan_cache = (epoch, plan.epoch_plan(self.train_pairs, self.config, self.layout, self.world_size,
+                                                       epoch))
+        return self._plan_cache[1]
 
     def step_micro_batches(self, epoch: int, step_in_epoch: int) -> list[list[int]]:
         """The global step's micro-batches (all ranks); micro-batch j is run by rank j % world_size."""
-        n = self.config.gradient_accumulation_steps * self.world_size
-        return self.epoch_plan(epoch)[step_in_epoch * n:(step_in_epoch + 1) * n]
+        return plan.step_micro_batches(self.epoch_plan(epoch), step_in_epoch,
+                                       plan.micro_batches_per_step(self.config, self.world_size))
 
     def _my_micro_batches(self, micro_batches: list[list[int]]) -> list[tuple[list[int], float]]:
         """This rank's micro-batches of a step: (pair indices, share of the step's pairs)."""
-        total = sum(len(m) for m in micro_batches)
-        mine = [(m, len(m) / total) for j, m in enumerate(micro_batches) if j % self.world_size == self.rank]
-        if self.config.fsdp and self.distributed:
-            # FSDP's collectives run inside forward and backward: every rank must run as many micro-batches.
-            most = math.ceil(len(micro_batches) / self.world_size)
-            mine += [(micro_batches[0], 0.0)] * (most - len(mine))
-        return mine
+        return plan.rank_micro_batches(micro_batches, self.rank, self.world_size,
+                                       same_count=self.config.fsdp and self.distributed)
 
     def _lay_out(self, pairs: list[TokenizedPair], members: list[int], weight: float) -> _LaidOut:
         """Host work of one micro-batch (runs on the layout worker): rows, scored positions, counts, pinning."""
