@@ -131,8 +131,8 @@ def _load_pairs(flag: str, name: str, args: argparse.Namespace, tokenizer, confi
 def _refuse_another_run(config: DPOConfig, train_pairs) -> None:
     """Before any weight is read: CheckpointError when the checkpoint to resume was written by a run with other
     settings or data (the trainer compares again, and warns about the settings it accepts)."""
+    from ..data.pairs import pairs_fingerprint
     from ..training import checkpoint as ckpt
-    from ..training.trainer import pairs_fingerprint
 
     path = config.resume_from_checkpoint
     current = ckpt.run_settings(config, world_size=int(os.environ.get("WORLD_SIZE", "1")),

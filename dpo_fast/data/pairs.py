@@ -7,6 +7,9 @@ builds from a list of them and what the model and `linear_dpo_loss` consume.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -74,3 +77,11 @@ class Batch:
         """The same batch in page-locked host memory, so that copies to a GPU need not block the host."""
         tensors = ("input_ids", "labels", "position_ids", "segment_ids", "document_ids", "roles")
         return dataclasses.replace(self, **{name: getattr(self, name).pin_memory() for name in tensors})
+
+
+def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """A content hash of tokenized pairs (the data a checkpoint or a reference cache was made from)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()

@@ -85,6 +85,15 @@ def head_token_logps(hidden: Tensor, head: OutputHead, labels: Tensor, *, backen
     return out
 
 
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def model_base(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected in its modules)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def backbone_of(model):
     """The module that maps input ids to last hidden states (`model.get_decoder()` and its usual fallbacks)."""
     if hasattr(model, "get_decoder"):

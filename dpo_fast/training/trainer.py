@@ -36,12 +36,8 @@ losses (simpo) use none.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import math
 import os
@@ -70,12 +66,12 @@ from ..data.attention import (
     uses_dense_mask,
 )
 from ..data.layouts import build_batch, unit_lengths
-from ..data.pairs import ROLE_PAD, Batch, TokenizedPair
+from ..data.pairs import ROLE_PAD, Batch, TokenizedPair, pairs_fingerprint
 from ..data.summary import layout_padding, padding_line, summarize_data
 from ..loss.formulas import DPOOutput, loss_from_logps
 from ..loss.functional import linear_dpo_loss
 from . import checkpoint as ckpt
-from . import plan
+from . import plan, reference
 from .config import DPOConfig
 from .metrics import (
     CHART_FILE,
@@ -86,11 +82,19 @@ from .metrics import (
     plot_metrics,
     truncate_metrics,
 )
-from .scoring import backbone_of, check_sequence_lengths, head_token_logps, output_head, pad_token_id, pair_logps
+from .reference import weights_fingerprint
+from .scoring import (
+    backbone_of,
+    check_sequence_lengths,
+    head_token_logps,
+    is_peft_model,
+    model_base,
+    output_head,
+    pad_token_id,
+)
 
 logger = logging.getLogger(__name__)
 
-REF_CACHE_VERSION = 1
 # Sums reduced over ranks each step, in this order (one all_reduce for all of them). The first
 # _DEVICE_STATS come from the model's outputs and are summed on the device; the rest are counts the host knows.
 _STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
@@ -108,21 +112,12 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 def _require_peft():
     try:
         import peft
     except ImportError:
         raise ImportError("lora_r > 0 needs the peft package: pip install 'dpo-fast[peft]'") from None
     return peft
-
-
-def _model_base(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers stay injected in its modules)."""
-    return model.get_base_model() if _is_peft_model(model) else model
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -135,42 +130,6 @@ def _enable_checkpointing(model: nn.Module) -> None:
     else:
         raise ValueError("gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
                          f"(a transformers PreTrainedModel); got {type(model).__name__}")
-
-
-def _disable_checkpointing(model: nn.Module) -> None:
-    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5 (the old name warns)
-        model.activation_checkpointing_disable()
-    elif hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A cheap content hash of a model's weights: names, shapes, dtypes, float64 sums and a strided sample.
-
-    Hashing every byte of a 7B model would take a minute; a sum plus 4096 sampled values per tensor
-    changes with any training step or different checkpoint, which is what the cache key needs.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            if not t.is_floating_point() or t.numel() == 0:
-                h.update(t.detach().cpu().contiguous().view(-1)[:4096].numpy().tobytes() if t.numel() else b"")
-                continue
-            flat = t.detach().reshape(-1)
-            stride = max(1, flat.numel() // 4096)
-            h.update(flat[::stride].float().cpu().numpy().tobytes())
-            # float64 sum chunk by chunk: a float64 copy of a whole embedding matrix would be gigabytes.
-            total = sum(float(chunk.double().sum()) for chunk in flat.split(1 << 22))
-            h.update(repr(total).encode())
-    return h.hexdigest()
-
-
-def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
-    return h.hexdigest()
 
 
 def lr_lambda_factory(schedule: str, total_steps: int, warmup_steps: int):
@@ -203,7 +162,7 @@ class _ModelOutputs(nn.Module):
         self.config = config
 
     def hidden_states(self, inputs: dict[str, Any]) -> Tensor:
-        base = _model_base(self.model)
+        base = model_base(self.model)
         use_autocast = self.config.bf16 and inputs["input_ids"].device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
             out = backbone_of(base)(**inputs, use_cache=False)
@@ -213,7 +172,7 @@ class _ModelOutputs(nn.Module):
     def forward(self, inputs: dict[str, Any], scored: Tensor, labels: Tensor, segment_ids: Tensor, num_pairs: int,
                 ref_chosen: Tensor | None = None, ref_rejected: Tensor | None = None, reference: bool = False):
         """inputs: `model_inputs`; scored: [N] flat indices of the scored positions, labels/segment_ids theirs."""
-        base = _model_base(self.model)
+        base = model_base(self.model)
         head = output_head(base)
         # Only scored positions go through the head: prompt and padding rows would cost 2·H·V flops each
         # for nothing. The gather's backward scatters the gradient back into the [R*L, H] hidden states.
@@ -336,7 +295,7 @@ class DPOTrainer:
         self.ref_model = None
         if ref_model is not None:
             ref_model.to(self.device)
-            self.ref_model = self._freeze(ref_model)
+            self.ref_model = reference.freeze(ref_model)
         self._plan_cache: tuple[int, list[list[int]]] | None = None
         self.steps_per_epoch = math.ceil(len(self.epoch_plan(0)) / plan.micro_batches_per_step(config, self.world_size))
         if config.max_steps > 0:
@@ -384,7 +343,7 @@ class DPOTrainer:
         """(layout, attn_implementation) the run uses: `preferred_attention` (FlexAttention for the packed
         layouts on CUDA when the model supports it, and the reference model too) unless flex_attention=False;
         a flash model runs "prefix_shared" as "packed" (varlen boundaries cannot skip the chosen branch)."""
-        base = _model_base(model)
+        base = model_base(model)
         impl, layout = attention_implementation(base), self.config.layout
         if "flash" in impl and layout == "prefix_shared":
             warnings.warn(f"attn_implementation={impl!r} cannot run the 'prefix_shared' layout (its rejected branch "
@@ -392,14 +351,14 @@ class DPOTrainer:
             layout = "packed"
         if self.config.flex_attention:
             preferred = preferred_attention(base, layout, self.device)
-            if ref_model is None or preferred_attention(_model_base(ref_model), layout, self.device) == preferred:
+            if ref_model is None or preferred_attention(model_base(ref_model), layout, self.device) == preferred:
                 impl = preferred
         return layout, impl
 
     def _set_attention(self, model: nn.Module, ref_model: nn.Module | None) -> None:
         """Switch the policy and the reference (both read the same inputs) to the chosen implementation; where
         transformers refuses FlexAttention (torch too old, ...), both keep their own, with a warning."""
-        models = [_model_base(m) for m in (model, ref_model) if m is not None]
+        models = [model_base(m) for m in (model, ref_model) if m is not None]
         before = [attention_implementation(m) for m in models]
         try:
             for m in models:
@@ -476,23 +435,16 @@ class DPOTrainer:
 
     def _add_lora(self, model: nn.Module) -> nn.Module:
         peft = _require_peft()
-        if _is_peft_model(model):
+        if is_peft_model(model):
             return model
         targets = [t.strip() for t in self.config.lora_target_modules.split(",") if t.strip()]
         lora = peft.LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
                                lora_dropout=self.config.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
         return peft.get_peft_model(model, lora)
 
-    @staticmethod
-    def _freeze(model: nn.Module) -> nn.Module:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-
     @property
     def has_adapter(self) -> bool:
-        return _is_peft_model(self.model)
+        return is_peft_model(self.model)
 
     def _setup_reference(self) -> None:
         """Before any weight changes: the reference copy, or the precomputed reference log-probs."""
@@ -511,46 +463,29 @@ class DPOTrainer:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return
-        if self.ref_model is None and not self.has_adapter:
-            self.ref_model = self._freeze(copy.deepcopy(self.model))
-            _disable_checkpointing(self.ref_model)  # the reference keeps no activations to recompute
+        self.ref_model = reference.reference_model(self.config, self.model, self.ref_model)
         if self.ref_model is not None:
             self._ref_outputs = _ModelOutputs(self.ref_model, self.config)
 
-    def _ref_cache_path(self, model: nn.Module, pairs: list[TokenizedPair]) -> str:
-        key = hashlib.sha256()
-        settings = {"version": REF_CACHE_VERSION, "max_length": self.config.max_length,
-                    "truncation": self.config.truncation, "layout": self.layout,
-                    "bf16": self.config.bf16 and self.device.type == "cuda", "adapter_disabled": self.has_adapter}
-        key.update(json.dumps(settings, sort_keys=True).encode())
-        key.update(weights_fingerprint(model).encode())
-        key.update(pairs_fingerprint(pairs).encode())
-        directory = self.config.ref_cache_dir or os.path.join(self.config.output_dir, "ref_cache")
-        return os.path.join(directory, f"ref_logps-{key.hexdigest()[:32]}.pt")
-
     def _cached_reference_logps(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> Tensor:
-        """[len(pairs), 2] (chosen, rejected) reference log-probs, from the disk cache or computed and cached."""
-        path = self._ref_cache_path(model, pairs)
-        if os.path.isfile(path):
-            cached = torch.load(path, weights_only=True)
-            if tuple(cached.shape) == (len(pairs), 2):
-                logger.info("reference log-probs for %s read from %s", split, path)
-                return cached
+        """[len(pairs), 2] (chosen, rejected) reference log-probs, from the disk cache or computed (each rank
+        a share of the pairs) and cached."""
+        path = reference.cache_path(self.config, model, pairs, layout=self.layout,
+                                    bf16=self.config.bf16 and self.device.type == "cuda",
+                                    adapter_disabled=self.has_adapter)
+        cached = reference.read_cache(path, len(pairs))
+        if cached is not None:
+            logger.info("reference log-probs for %s read from %s", split, path)
+            return cached
         values = torch.zeros(len(pairs), 2, dtype=torch.float32)
         mine = list(range(self.rank, len(pairs), self.world_size))
         if mine:
-            was_training = model.training
-            model.eval()
-            adapter_off = model.disable_adapter() if _is_peft_model(model) else contextlib.nullcontext()
-            with adapter_off, torch.no_grad():
-                chosen, rejected = pair_logps(
-                    _model_base(model), self.tokenizer, [pairs[i] for i in mine], layout=self.layout,
-                    max_length=self.config.max_length,
-                    max_tokens_per_batch=(self.config.row_capacity(self._dense_mask) or 2 * self.config.max_length)
-                    * self.config.per_device_train_batch_size,
-                    backend=self.config.backend)
-            model.train(was_training)
-            values[mine, 0], values[mine, 1] = chosen, rejected
+            values[mine, 0], values[mine, 1] = reference.reference_pair_logps(
+                model, self.tokenizer, [pairs[i] for i in mine], layout=self.layout,
+                max_length=self.config.max_length,
+                max_tokens_per_batch=(self.config.row_capacity(self._dense_mask) or 2 * self.config.max_length)
+                * self.config.per_device_train_batch_size,
+                backend=self.config.backend)
         if self.distributed:
             values = values.to(self.device)
             dist.all_reduce(values)
@@ -592,7 +527,7 @@ class DPOTrainer:
             for outputs in (self._outputs, self._ref_outputs):
                 if outputs is None:
                     continue
-                backbone = backbone_of(_model_base(outputs.model))
+                backbone = backbone_of(model_base(outputs.model))
                 for layer in getattr(backbone, "layers", []):
                     fully_shard(layer)
                 fully_shard(outputs)
@@ -698,7 +633,7 @@ class DPOTrainer:
 
     def _to_device(self, laid_out: _LaidOut) -> dict[str, Any]:
         """The forward's arguments on the device; copies from pinned memory do not block the host."""
-        base = _model_base(self.model)
+        base = model_base(self.model)
         dtype = next(self.model.parameters()).dtype
 
         def move(t: Tensor) -> Tensor:
@@ -714,20 +649,10 @@ class DPOTrainer:
         if self.config.reference_free:
             return None
         if split in self._ref_cache:
-            rows = laid_out.member_index.to(self.device, non_blocking=True)
-            values = self._ref_cache[split].index_select(0, rows)
-            return values[:, 0], values[:, 1]
-        with torch.no_grad():
-            if self._ref_outputs is not None:
-                sums = self._ref_outputs(**inputs, reference=True)
-            else:  # LoRA: the base model is the reference
-                was_training = self.model.training
-                self.model.eval()
-                with self.model.disable_adapter():
-                    sums = self._outputs(**inputs, reference=True)
-                self.model.train(was_training)
-        b = inputs["num_pairs"]
-        return sums[:b], sums[b:]
+            return reference.gather_cached(self._ref_cache[split], laid_out.member_index, self.device)
+        if self._ref_outputs is not None:
+            return reference.forward_reference_logps(self._ref_outputs, inputs)
+        return reference.forward_reference_logps(self._outputs, inputs, policy=self.model)  # LoRA: the base model
 
     # -- one optimizer step -----------------------------------------------------------------------
 
