@@ -293,46 +293,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints and resume
-
-
-def _run(tmp_path, tokenizer, pairs, crash_at_step=None, **kw):
-    kw = {"max_steps": 4, "save_steps": 2, **kw}
-    config = make_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_ratio=0.3,
-                         weight_decay=0.01, **kw)
-    trainer = DPOTrainer(tiny_model(len(tokenizer)), tokenizer, pairs, config=config)
-    if crash_at_step is not None:
-        real_step = trainer.optimizer_step
-
-        def step():
-            if trainer.global_step + 1 == crash_at_step:
-                raise KeyboardInterrupt("simulated crash")
-            return real_step()
-
-        trainer.optimizer_step = step
-        with pytest.raises(KeyboardInterrupt):
-            trainer.train()
-        return trainer
-    trainer.train()
-    return trainer
-
-
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, tokenizer):
-    pairs = random_pairs(7, len(tokenizer), seed=11)  # 2 steps per epoch, the second short: resume crosses an epoch
-    full = _run(tmp_path / "full", tokenizer, pairs)
-    _run(tmp_path / "resumed", tokenizer, pairs, crash_at_step=4)  # logged 1..3, saved checkpoint-2
-    out = tmp_path / "resumed" / "run"
-    assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")
-    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2, 3]
-    resumed = _run(tmp_path / "resumed", tokenizer, pairs, resume_from_checkpoint="latest")
-    want = read_metrics(str(tmp_path / "full" / "run" / "metrics.jsonl"))
-    got = read_metrics(str(out / "metrics.jsonl"))
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
-    for w, g in zip(want, got):
-        for key in ("loss", "rewards/margins", "grad_norm", "lr"):
-            assert g[key] == w[key], (g["step"], key, g[key], w[key])
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
+# Checkpoint files
 
 
 def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
@@ -361,18 +322,6 @@ def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path):
     assert torch.load(os.path.join(out, "checkpoint-2", "optimizer.pt")) == {"s": 2}
     save(4, good)  # the next save cleans the crashed one's leftovers
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4"]
-
-
-def test_save_total_limit_and_resume_errors(tmp_path, tokenizer):
-    pairs = random_pairs(4, len(tokenizer), seed=12)
-    _run(tmp_path, tokenizer, pairs, max_steps=3, save_steps=1, save_total_limit=2)
-    out = str(tmp_path / "run")
-    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 3]
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ckpt.resolve_resume_path(str(tmp_path / "nowhere"), out)
-    with pytest.raises(ckpt.CheckpointError, match="num_train_pairs: checkpoint 4, now 3"):
-        DPOTrainer(tiny_model(len(tokenizer)), tokenizer, pairs[:3],
-                   config=make_config(tmp_path, max_steps=3, resume_from_checkpoint="latest")).train()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,20 +388,6 @@ def test_lora_without_peft_names_the_extra(tmp_path, tokenizer, monkeypatch):
     with pytest.raises(ImportError, match=r"dpo-fast\[peft\]"):
         DPOTrainer(tiny_model(len(tokenizer)), tokenizer, random_pairs(2, len(tokenizer)),
                    config=make_config(tmp_path, lora_r=4))
-
-
-def test_lora_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
-    pytest.importorskip("peft")
-    pairs = random_pairs(6, len(tokenizer), seed=15)
-    lora = dict(lora_r=2, learning_rate=1e-2, max_steps=3, save_steps=1)
-    full = _run(tmp_path / "full", tokenizer, pairs, **lora)
-    _run(tmp_path / "resumed", tokenizer, pairs, crash_at_step=3, **lora)
-    resumed = _run(tmp_path / "resumed", tokenizer, pairs, resume_from_checkpoint="latest", **lora)
-    want = read_metrics(str(tmp_path / "full" / "run" / "metrics.jsonl"))
-    got = read_metrics(str(tmp_path / "resumed" / "run" / "metrics.jsonl"))
-    assert [r["loss"] for r in got] == [r["loss"] for r in want]
-    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
-        assert torch.equal(p, q), name
 
 
 def test_train_data_from_a_preference_file(tmp_path, tokenizer):

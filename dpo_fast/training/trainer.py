@@ -71,7 +71,7 @@ from ..data.summary import layout_padding, padding_line, summarize_data
 from ..loss.formulas import DPOOutput, loss_from_logps
 from ..loss.functional import linear_dpo_loss
 from . import checkpoint as ckpt
-from . import plan, reference
+from . import plan, reference, saving
 from .config import DPOConfig
 from .metrics import (
     CHART_FILE,
@@ -80,7 +80,6 @@ from .metrics import (
     TrainingDiverged,
     TrainingHealth,
     plot_metrics,
-    truncate_metrics,
 )
 from .reference import weights_fingerprint
 from .scoring import (
@@ -545,37 +544,15 @@ class DPOTrainer:
         self._build_optimizer()
         if self.rank == 0:
             os.makedirs(self.config.output_dir, exist_ok=True)
-        out = self.config.output_dir
         self.run_settings = ckpt.run_settings(self.config, world_size=self.world_size, layout=self.layout,
                                               num_train_pairs=len(self.train_pairs),
                                               data_fingerprint=pairs_fingerprint(self.train_pairs))
         self.health = TrainingHealth(max_nonfinite_steps=self.config.max_nonfinite_steps, device=self.device)
         self.run_warnings: list[str] = []
-        if self.config.resume_from_checkpoint:
-            path = ckpt.resolve_resume_path(self.config.resume_from_checkpoint, out)
-            # Checked on every rank before any of them moves a file: a refused resume changes nothing.
-            state = ckpt.read_trainer_state(path)
-            for note in ckpt.check_resume(path, state, self.run_settings):
-                warnings.warn(note, stacklevel=3)
-            self._barrier()
-            # This run continues `path`: it is the newest lineage, and a rollback moves the later
-            # checkpoints of the abandoned run aside (`latest` then follows this run).
-            self.lineage = ckpt.start_lineage(out, resumed_from=path)
-            self._barrier()
-            if self.rank == 0:
-                ckpt.archive_abandoned(out, path)
+        self.lineage, path, state = saving.start_run(self.config, self.run_settings, rank=self.rank,
+                                                     barrier=self._barrier)
+        if path is not None:
             self._resume(path, state)
-        else:
-            if self.rank == 0:
-                # overwrite_output_dir: the old run's metrics and checkpoints go, so that a later
-                # resume_from_checkpoint='latest' cannot pick up a checkpoint of the other run.
-                metrics_path = os.path.join(out, METRICS_FILE)
-                if os.path.exists(metrics_path):
-                    os.unlink(metrics_path)
-                for _, stale in ckpt.list_checkpoints(out):
-                    shutil.rmtree(stale)
-            self._barrier()
-            self.lineage = ckpt.start_lineage(out)
         self.metrics = MetricsLogger(self.config.output_dir, enabled=self.rank == 0,
                                      tensorboard=self.config.report_to_tensorboard)
         self._barrier()
@@ -968,32 +945,11 @@ class DPOTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _full_state_dict(self) -> dict[str, Tensor] | None:
-        if not (self.config.fsdp and self.distributed):
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(self._outputs, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in state.items()}
-
-    def _save_model(self, directory: str, state_dict: dict[str, Tensor] | None = None) -> None:
-        if state_dict is None:
-            self.model.save_pretrained(directory)
-        else:
-            self.model.save_pretrained(directory, state_dict=state_dict)
+        """The model state to save under FSDP (gathered: every rank calls it); None otherwise."""
+        return saving.full_state_dict(self._outputs) if self.config.fsdp and self.distributed else None
 
     def _check_weights_finite(self) -> None:
-        """TrainingDiverged unless every trainable weight is finite: a checkpoint never holds NaN or inf weights
-        (non-finite steps are skipped, but an enormous learning rate can overflow a weight in a finite step)."""
-        params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
-        if hasattr(finite, "full_tensor"):  # FSDP2: each rank checks its shards
-            finite = finite.full_tensor()
-        if self.distributed:
-            finite = finite.to(self.device, torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
-            raise TrainingDiverged(f"stopped at step {self.global_step}: the weights hold NaN or infinite values; "
-                                   "no checkpoint was written for this step; lower the learning rate")
+        saving.check_weights_finite(self.model, self.global_step, distributed=self.distributed, device=self.device)
 
     def save_checkpoint(self) -> str:
         """Write output_dir/checkpoint-<step> (every rank calls it). Raises TrainingDiverged instead when the
@@ -1007,7 +963,7 @@ class DPOTrainer:
                          "run_settings": self.run_settings, "lineage": self.lineage}
         return ckpt.save_checkpoint(
             self.config.output_dir, self.global_step,
-            save_model=lambda d: self._save_model(d, state_dict),
+            save_model=lambda d: saving.save_model(self.model, d, state_dict),
             optimizer_state=None if fsdp else self.optimizer.state_dict(),
             sharded_optimizer_state=self.optimizer.state_dict() if fsdp else None,
             scheduler_state=self.scheduler.state_dict(), trainer_state=trainer_state,
@@ -1016,27 +972,13 @@ class DPOTrainer:
 
     def _resume(self, path: str, state: dict[str, Any]) -> None:
         """Load the weights, optimizer, scheduler and RNG states of a checkpoint `check_resume` accepted."""
-        if self.has_adapter:
-            peft = _require_peft()
-            peft.set_peft_model_state_dict(self.model, ckpt.load_safetensors_dir(path))
-        elif self.config.fsdp and self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            full = {f"model.{k}": v for k, v in ckpt.load_safetensors_dir(path).items()}
-            set_model_state_dict(self._outputs, full, options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
-            ckpt.load_model_weights(self.model, path)
-        optim_file = (os.path.join(path, f"optimizer_rank{self.rank}.pt") if self.config.fsdp and self.distributed
-                      else os.path.join(path, "optimizer.pt"))
-        # weights_only=True: tensors, numbers and containers only, so a checkpoint from elsewhere cannot run code.
-        self.optimizer.load_state_dict(ckpt.load_state(optim_file, map_location=self.device))
-        self.scheduler.load_state_dict(ckpt.load_state(os.path.join(path, "scheduler.pt")))
-        ckpt.load_rng_state(path, self.rank)
+        saving.load_training_state(path, model=self.model, outputs=self._outputs, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, adapter=self.has_adapter,
+                                   fsdp=self.config.fsdp and self.distributed, rank=self.rank, device=self.device)
         self.global_step = int(state["global_step"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         if self.rank == 0:
-            truncate_metrics(os.path.join(self.config.output_dir, METRICS_FILE), self.global_step)
-            print(ckpt.resume_message(path, state), file=sys.stderr)
+            saving.announce_resume(self.config, path, state, self.global_step)
 
     def save_final(self) -> str:
         """save_pretrained into output_dir/final (adapters, or merged weights with merge_lora=True)."""
@@ -1046,7 +988,8 @@ class DPOTrainer:
         if self.rank == 0:
             if self.has_adapter and self.config.merge_lora:
                 self.model = self.model.merge_and_unload()
-            ckpt.write_directory(final, lambda d: self._save_model(d, state_dict), tokenizer=self.tokenizer)
+            ckpt.write_directory(final, lambda d: saving.save_model(self.model, d, state_dict),
+                                  tokenizer=self.tokenizer)
         self._barrier()
         return final
 
