@@ -3,6 +3,7 @@
 Importing this package has no side effects: no Triton import, no compilation, no environment reads.
 """
 
+from ._lazy import lazy_exports as _lazy_exports
 from .loss.formulas import LOSS_TYPES, DPOOutput, LossConfig, dpo_loss
 from .loss.functional import fused_dpo_loss, linear_dpo_loss, linear_sequence_logps, sequence_logps
 from .loss.modules import DPOLoss
@@ -11,22 +12,8 @@ from .training.trainer import DPOTrainer
 
 __version__ = "0.1.0"
 
-# Public names imported on first use (PEP 562), so that `import dpo_fast` stays light.
-_LAZY = {"pair_logps": "dpo_fast.training.scoring"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dpo_fast' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+# Public names imported on first use, so that `import dpo_fast` stays light.
+__getattr__, __dir__ = _lazy_exports(__name__, {"pair_logps": "dpo_fast.training.scoring"})
 
 __all__ = [
     "LOSS_TYPES",

@@ -26,8 +26,9 @@ LAYERS = {
 }
 # Modules at the top of the package: not in a layer, may import any, imported by none.
 SURFACE = {"dpo_fast", "dpo_fast.cli"}
-# Top-level modules that are no layer's but importable from every layer (the compiled packer of data/packing).
-SHARED = {"dpo_fast._packing_cpp"}
+# Top-level modules that are no layer's but importable from every layer: the compiled packer of data/packing
+# and the lazy re-exports of the package __init__ files.
+SHARED = {"dpo_fast._packing_cpp", "dpo_fast._lazy"}
 
 
 def package_modules() -> dict[str, Path]:

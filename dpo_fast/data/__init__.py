@@ -6,6 +6,8 @@ The formats API is importable from here (`dpo_fast.data.load_preferences`), load
 formats module imports `datasets`, which the rest of the data layer (and `import dpo_fast`) does without.
 """
 
+from .._lazy import lazy_exports as _lazy_exports
+
 _FORMATS_API = (
     "FORMATS", "PAIRINGS", "FILE_EXTENSIONS", "HUMAN_MARKER", "ASSISTANT_MARKER", "CONTEXT_ONLY_ROLES",
     "MAX_REPORTED_EXAMPLES", "DETECTION_ROWS", "Message", "LoadReport", "BadRow", "load_preferences",
@@ -13,15 +15,4 @@ _FORMATS_API = (
 )
 
 
-def __getattr__(name: str):
-    if name in _FORMATS_API:
-        from . import formats
-
-        value = getattr(formats, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dpo_fast.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_FORMATS_API))
+__getattr__, __dir__ = _lazy_exports(__name__, dict.fromkeys(_FORMATS_API, "dpo_fast.data.formats"))

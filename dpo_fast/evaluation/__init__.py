@@ -4,6 +4,8 @@ beta sweep (`sweep`) and preference-pair synthesis (`synth`). Imports the traini
 The rewards API is importable from here (`dpo_fast.evaluation.implicit_rewards`), loaded on first use.
 """
 
+from .._lazy import lazy_exports as _lazy_exports
+
 _REWARDS_API = (
     "Interval", "vocabulary_of", "check_same_vocabulary", "pair_token_logps", "implicit_rewards", "PreparedPairs",
     "prepare_pairs", "wilson_interval", "bootstrap_means", "percentile_interval", "win_indicators", "bradley_terry",
@@ -11,15 +13,4 @@ _REWARDS_API = (
 )
 
 
-def __getattr__(name: str):
-    if name in _REWARDS_API:
-        from . import rewards
-
-        value = getattr(rewards, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dpo_fast.evaluation' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_REWARDS_API))
+__getattr__, __dir__ = _lazy_exports(__name__, dict.fromkeys(_REWARDS_API, "dpo_fast.evaluation.rewards"))
