@@ -13,7 +13,8 @@ Four schedules, two per backend:
 
 The triton schedules put every product in cuBLAS and the softmax in Triton. Measured on one H200
 (../shared/gpu/h200-2026-11-29.md: bf16, 16384 tokens, H=4096, V=128256, commit 9531940): the one-pass
-schedule took 76.7 ms, 1.01x the 6·N·H·V roofline and 0.84x Liger's time; the tl.dot kernels it replaces
+schedule took 76.7 ms, 1.01x the 6·N·H·V roofline and 0.84x Liger's time (with the logits-in kernels of
+that commit; the rewritten ones are not yet timed); the tl.dot kernels it replaces
 took 313-1301 ms. The two-pass schedule does a third more flops by design (the backward recomputes the
 logits because a batch-coupled loss's per-token coefficient is known only once every pair is seen).
 

@@ -51,7 +51,7 @@ from torch.library import custom_op, triton_op
 from dpo_fast.kernels.logps import _token_logps_fwd
 
 from . import schedule
-from .triton_logps import launch_backward, launch_forward
+from .triton_logps import launch_backward, launch_forward, on_tensor_device
 
 _COMPILED = isinstance(_token_logps_fwd, triton.runtime.jit.JITFunction)
 
@@ -199,8 +199,8 @@ else:
           budget_bytes, group_bytes):
         return (
             hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if need_bias else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if need_bias else hidden.new_empty(0),
         )
 
 
@@ -273,6 +273,7 @@ def linear_token_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     The budgets (`schedule.LOGITS_BUDGET_BYTES`, `WEIGHT_GROUP_BYTES`) are read at each call.
     """
     _check_inputs(hidden, weight, labels, bias)
-    logps, _ = _fwd_op(hidden, weight, bias, labels.to(torch.int64).contiguous(), int(ignore_index),
-                       int(schedule.LOGITS_BUDGET_BYTES), int(WEIGHT_GROUP_BYTES))
+    with on_tensor_device(hidden):
+        logps, _ = _fwd_op(hidden, weight, bias, labels.to(torch.int64).contiguous(), int(ignore_index),
+                           int(schedule.LOGITS_BUDGET_BYTES), int(WEIGHT_GROUP_BYTES))
     return logps

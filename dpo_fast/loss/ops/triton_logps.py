@@ -15,6 +15,8 @@ The choice follows what `triton.jit` produced for the kernels, i.e. what Triton 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 from torch import Tensor
@@ -28,6 +30,8 @@ from dpo_fast.kernels.logps import _token_logps_bwd, _token_logps_fwd
 # more bytes in flight per SM; narrower ones put fewer bytes in flight than the H200's latency x
 # bandwidth product asks of each SM (about 4.8 TB/s x ~0.7 us / 132 SMs = 25 KB). A ragged vocabulary's
 # padded tail wastes at most one tile of arithmetic, never bytes (masked lanes move nothing).
+# Reasoned from the ptxas register counts, not yet timed: the 4096-element tile it replaces measured 50-62%
+# of copy bandwidth on the H200 (2026-11-29); `benchmarks/gpu_check.sh`'s logits-in row decides.
 # Under the interpreter a tile costs a fixed handful of numpy calls whatever its width, so the same wide
 # tile is also the fastest there (5 x 32003 fwd+bwd: 0.10 s at 4096, 0.30 s at 1024); tests pass a small
 # `block_v` to cover the multi-tile loop on small vocabularies.
@@ -68,6 +72,15 @@ def _check_inputs(logits: Tensor, labels: Tensor, block_v: int | None) -> None:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
     if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
+
+
+def on_tensor_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device, not on its arguments' one: a guard that makes them the same
+    (an lm_head on cuda:1 under `device_map="auto"`, a reference model on another GPU). The autograd engine
+    runs a backward on its tensors' device already, so the forward entry points need it."""
+    if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _unit_vocab_stride(logits: Tensor) -> Tensor:
@@ -173,5 +186,6 @@ def token_logps(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, blo
     logits = _unit_vocab_stride(logits)
     if block_v is None:
         block_v = default_block_v(logits.shape[1], logits.element_size())
-    logps, _ = _fwd_op(logits, labels.to(torch.int64), int(ignore_index), int(block_v))
+    with on_tensor_device(logits):
+        logps, _ = _fwd_op(logits, labels.to(torch.int64), int(ignore_index), int(block_v))
     return logps

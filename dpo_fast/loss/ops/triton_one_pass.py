@@ -26,8 +26,6 @@ are torch's.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -42,7 +40,7 @@ from .torch_one_pass import (
     one_pass_output,
     pair_grads,
 )
-from .triton_logps import launch_backward, launch_forward
+from .triton_logps import launch_backward, launch_forward, on_tensor_device
 
 
 def _pair_groups(offsets: list[int], num_pairs: int, vocab: int, itemsize: int) -> list[tuple[int, int]]:
@@ -85,8 +83,7 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
         counts = torch.tensor([offsets[j + 1] - offsets[j] for j in range(2 * b)], device=device)
         sequence_of = torch.repeat_interleave(torch.arange(2 * b, device=device), counts, output_size=offsets[-1])
 
-        # The kernels launch on the current CUDA device: make it the tensors' one.
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with on_tensor_device(hidden):
             for i0, i1 in groups:
                 start, end = offsets[2 * i0], offsets[2 * i1]
                 if end == start:
