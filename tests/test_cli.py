@@ -253,17 +253,17 @@ def test_pair_logps_refusal_says_why():
 
 def test_demo_subcommand_is_dispatched_lazily(monkeypatch):
     seen = {}
-    fake = types.ModuleType("dpo_fast.demo.run")
+    fake = types.ModuleType("dpo_fast.commands.demo")
     fake.add_arguments = lambda parser: parser.add_argument("--steps", type=int, default=1)
     fake.run = lambda args: seen.setdefault("steps", args.steps) and 0
-    monkeypatch.setitem(sys.modules, "dpo_fast.demo.run", fake)
-    import dpo_fast.demo
+    monkeypatch.setitem(sys.modules, "dpo_fast.commands.demo", fake)
+    import dpo_fast.commands
 
-    monkeypatch.setattr(dpo_fast.demo, "run", fake, raising=False)
+    monkeypatch.setattr(dpo_fast.commands, "demo", fake, raising=False)
     assert cli.main(["demo", "--steps", "7"]) == 0
     assert seen == {"steps": 7}
     # `train` does not need the demo module: building its parser leaves it alone.
-    monkeypatch.setitem(sys.modules, "dpo_fast.demo.run", None)
+    monkeypatch.setitem(sys.modules, "dpo_fast.commands.demo", None)
     cli.build_parser(["train"])
 
 

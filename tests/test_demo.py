@@ -349,7 +349,7 @@ def test_demo_outputs_feed_score_and_rank(quick_run):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    from dpo_fast.demo import run as demo
+    from dpo_fast.commands import demo
 
     assert demo.main(["--quick", "--sft-steps", "-1", "--output-dir", str(tmp_path)]) == 2
     assert "sft_steps must be >= 0" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from .flags import CommandParser
 # Subcommands implemented in their own modules, each with `add_arguments(parser)` and `run(args) -> int`.
 # They are imported only when asked for, so `dpo-fast train` never pays for them (nor they for it).
 LAZY_COMMANDS = {
-    "demo": ("dpo_fast.demo.run", "A self-contained demonstration on a synthetic task (offline, CPU, minutes)."),
+    "demo": ("dpo_fast.commands.demo", "A self-contained demonstration on a synthetic task (offline, CPU, minutes)."),
     "score": ("dpo_fast.commands.score", "Score every pair of a dataset with a DPO model's implicit reward."),
     "rank": ("dpo_fast.commands.rank", "Rank k models on preference pairs (k forward passes, k^2 comparisons)."),
     "sweep": ("dpo_fast.commands.sweep", "Short trainings over several betas, with a recommendation."),
