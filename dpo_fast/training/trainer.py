@@ -735,7 +735,7 @@ class DPOTrainer:
             # SGD (no momentum) on FSDP's shards: a zero gradient leaves the weights as they were but for
             # the step's weight decay.
             for p in params:
-                p.grad.copy_(torch.where(self.step_finite, p.grad, torch.zeros_like(p.grad)))
+                p.grad.copy_(torch.where(self.step_finite, p.grad, 0.0))
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged as "lr")
         self.optimizer.step()
         self.scheduler.step()
@@ -761,6 +761,12 @@ class DPOTrainer:
                     f"{self.config.ddp_timeout} s at step {self.global_step + 1}: another rank is stuck or died "
                     f"(see its log); {str(e).splitlines()[0]}") from e
             raise
+        finally:
+            # A stop (divergence, a signal, an error) leaves the next step's micro-batches queued: drop them
+            # rather than lay out and pin them for nothing; a later call starts a new worker.
+            if self._layout_worker is not None:
+                self._layout_worker.shutdown(wait=True, cancel_futures=True)
+                self._layout_worker = None
 
     def _train(self) -> dict[str, Any]:
         self._prepare()
