@@ -44,16 +44,10 @@ Triton (CUDA), an opaque `custom_op` with a fake implementation under Triton's i
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
-from torch.library import custom_op, triton_op
-
-from dpo_fast.kernels.logps import _token_logps_fwd
 
 from . import schedule
-from .triton_logps import launch_backward, launch_forward, on_tensor_device
-
-_COMPILED = isinstance(_token_logps_fwd, triton.runtime.jit.JITFunction)
+from .triton_logps import _COMPILED, kernel_op, launch_backward, launch_forward, on_tensor_device
 
 # Bytes of the float32 rows in which a float16 dweight is summed, one vocabulary group at a time (the
 # other dtypes need none): 256 MiB, an eighth of Llama-3's head in float32.
@@ -182,13 +176,9 @@ def _backward_impl(grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | 
     )
 
 
-if _COMPILED:
-    _fwd_op = triton_op("dpo_fast::linear_token_logps_fwd", mutates_args=())(_forward_impl)
-    _bwd_op = triton_op("dpo_fast::linear_token_logps_bwd", mutates_args=())(_backward_impl)
-else:
-    _fwd_op = custom_op("dpo_fast::linear_token_logps_fwd", mutates_args=())(_forward_impl)
-    _bwd_op = custom_op("dpo_fast::linear_token_logps_bwd", mutates_args=())(_backward_impl)
-
+_fwd_op = kernel_op("linear_token_logps_fwd", _forward_impl)
+_bwd_op = kernel_op("linear_token_logps_bwd", _backward_impl)
+if not _COMPILED:
     @_fwd_op.register_fake
     def _(hidden, weight, bias, labels, ignore_index, budget_bytes, group_bytes):
         n = hidden.shape[0]

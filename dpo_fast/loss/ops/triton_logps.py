@@ -42,6 +42,16 @@ THREAD_BYTES = 64
 _COMPILED = isinstance(_token_logps_fwd, triton.runtime.jit.JITFunction)
 
 
+def kernel_op(name: str, launcher):
+    """`launcher` (a function that launches Triton kernels) as the torch custom op `dpo_fast::<name>`, so that
+    torch.compile traces it without a graph break. Compiled Triton (CUDA): `triton_op`, which Inductor sees
+    into through `wrap_triton`. Triton's interpreter (TRITON_INTERPRET=1): an opaque `custom_op`, because
+    `triton_op` would run the kernel on fake tensors there; the caller registers its fake implementation.
+    The choice follows what `triton.jit` produced for the kernels, i.e. what Triton itself decided."""
+    register = triton_op if _COMPILED else custom_op
+    return register(f"dpo_fast::{name}", mutates_args=())(launcher)
+
+
 def default_block_v(vocab_size: int, itemsize: int) -> int:
     """The vocab tile width: the vocabulary rounded up to a power of two, capped at TILE_BYTES."""
     return min(triton.next_power_of_2(max(vocab_size, 1)), TILE_BYTES // itemsize)
@@ -130,13 +140,9 @@ def _backward_impl(logits: Tensor, labels: Tensor, lse: Tensor, grad: Tensor, ig
     return dlogits
 
 
-if _COMPILED:
-    _fwd_op = triton_op("dpo_fast::token_logps_fwd", mutates_args=())(_forward_impl)
-    _bwd_op = triton_op("dpo_fast::token_logps_bwd", mutates_args=())(_backward_impl)
-else:
-    _fwd_op = custom_op("dpo_fast::token_logps_fwd", mutates_args=())(_forward_impl)
-    _bwd_op = custom_op("dpo_fast::token_logps_bwd", mutates_args=())(_backward_impl)
-
+_fwd_op = kernel_op("token_logps_fwd", _forward_impl)
+_bwd_op = kernel_op("token_logps_bwd", _backward_impl)
+if not _COMPILED:
     @_fwd_op.register_fake
     def _(logits, labels, ignore_index, block_v):
         n = logits.shape[0]
