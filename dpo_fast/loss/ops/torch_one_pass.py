@@ -24,6 +24,8 @@ float32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -66,18 +68,24 @@ def pair_grads(config: LossConfig, logp_c: Tensor, logp_r: Tensor, ref_chosen: T
     return g_c, g_r
 
 
-def _group_by_pair(labels: Tensor, segment_ids: Tensor, ignore_index: int, num_pairs: int):
-    """Scored token indices ordered by (pair, chosen before rejected), and the offsets of each group.
+class PairGrouping(NamedTuple):
+    """The scored tokens of a batch in pair order (pair i's chosen response, then its rejected one)."""
 
-    offsets[2i] .. offsets[2i+1] are pair i's chosen tokens, offsets[2i+1] .. offsets[2i+2] its rejected.
-    """
+    order: Tensor  # [scored] token indices in that order
+    offsets: list[int]  # offsets[2i] .. offsets[2i+1]: pair i's chosen tokens; .. offsets[2i+2]: its rejected
+    sequence_of: Tensor  # [scored] 2i for pair i's chosen tokens, 2i + 1 for its rejected ones, in that order
+
+
+def _group_by_pair(labels: Tensor, segment_ids: Tensor, ignore_index: int, num_pairs: int) -> PairGrouping:
+    """Scored token indices ordered by (pair, chosen before rejected), the offsets of each group, and each
+    token's group."""
     scored = (labels != ignore_index).nonzero().squeeze(-1)
     seg = segment_ids[scored]
     key = (seg % num_pairs) * 2 + (seg >= num_pairs).long()
     key_sorted, perm = torch.sort(key, stable=True)
     counts = torch.bincount(key_sorted, minlength=2 * num_pairs)
     offsets = [0] + torch.cumsum(counts, 0).tolist()  # the one host sync
-    return scored[perm], offsets
+    return PairGrouping(scored[perm], offsets, key_sorted)
 
 
 class _OrderedRows:
@@ -173,7 +181,7 @@ class TorchOnePassLinearDPO(torch.autograd.Function):
             return loss, seq
 
         device = hidden.device
-        order, offsets = _group_by_pair(labels, segment_ids, ignore_index, b)
+        order, offsets, _ = _group_by_pair(labels, segment_ids, ignore_index, b)
         rows_of = _OrderedRows(order)
         w_acc = weight if weight.dtype == acc else None  # a float32 copy of a bf16 weight is avoided
         dhidden = torch.zeros_like(hidden) if need_h else None

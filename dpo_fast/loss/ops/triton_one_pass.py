@@ -69,7 +69,7 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
         v = weight.shape[0]
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         need_grads = need_h or need_w or need_b
-        order, offsets = _group_by_pair(labels, segment_ids, ignore_index, b)
+        order, offsets, sequence_of = _group_by_pair(labels, segment_ids, ignore_index, b)
         rows_of = _OrderedRows(order)
         dhidden = torch.zeros_like(hidden) if need_h else None
         dweight = torch.zeros_like(weight) if need_w else None
@@ -78,10 +78,6 @@ class TritonOnePassLinearDPO(torch.autograd.Function):
         groups = _pair_groups(offsets, b, v, hidden.element_size())
         buffer = torch.empty(max((offsets[2 * i1] - offsets[2 * i0] for i0, i1 in groups), default=0) * v,
                              dtype=dtype, device=device)
-        # Sequence of each scored token in pair order (2i: pair i's chosen response, 2i + 1: its rejected
-        # one), built once: per group it would cost two host syncs (a copy to the device, repeat_interleave).
-        counts = torch.tensor([offsets[j + 1] - offsets[j] for j in range(2 * b)], device=device)
-        sequence_of = torch.repeat_interleave(torch.arange(2 * b, device=device), counts, output_size=offsets[-1])
 
         with on_tensor_device(hidden):
             for i0, i1 in groups:
