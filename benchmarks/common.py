@@ -165,7 +165,9 @@ def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dpo_fast", "kernels", "benchmarks"],
+        # The code that ran: the results a benchmark is writing (and rewrites per contender) do not count.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dpo_fast", "kernels", "csrc", "benchmarks",
+                                ":(exclude)benchmarks/results"],
                                cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
