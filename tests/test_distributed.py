@@ -175,3 +175,40 @@ def test_a_frozen_rank_is_an_error_naming_the_rank_after_ddp_timeout(tmp_path):
     message = (tmp_path / "timeout.txt").read_text()
     assert message.startswith("rank 0 of 2: a collective waited more than ddp_timeout=3 s at step 1: "), message
     assert time.monotonic() - start < 30
+
+
+def _failed_save_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import errno
+    from datetime import timedelta
+    from pathlib import Path
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))
+
+    def any_failed(failed: bool) -> bool:
+        flag = torch.tensor([float(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save_model(directory: str) -> None:  # only rank 0 writes the model: its disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        ckpt.save_checkpoint(tmp, 3, save_model=save_model, optimizer_state={}, scheduler_state={},
+                             trainer_state={}, rank=rank, world_size=world, failed_anywhere=any_failed)
+    except ckpt.CheckpointWriteError as e:
+        (Path(tmp) / f"error{rank}.txt").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank_at_once(tmp_path):
+    """Rank 0's disk fills while it writes the model: both ranks raise CheckpointWriteError within seconds
+    (rank 1 used to wait at the next barrier until the process group's timeout), nothing is left behind."""
+    start = time.monotonic()
+    mp.start_processes(_failed_save_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    assert time.monotonic() - start < 15
+    assert "no space left on device" in (tmp_path / "error0.txt").read_text().lower()
+    assert "another process could not write its part" in (tmp_path / "error1.txt").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error0.txt", "error1.txt"]

@@ -342,6 +342,7 @@ def save_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    failed_anywhere: Callable[[bool], bool] | None = None,
     sharded_optimizer_state: dict | None = None,
     save_total_limit: int = 0,
     tokenizer: Any = None,
@@ -352,39 +353,60 @@ def save_checkpoint(
     sharded_optimizer_state (FSDP) by every rank under its rank number. tokenizer: saved with the model
     (`save_tokenizer`), so that the checkpoint loads as a model directory. The manifest is written last.
     A write that fails (full disk, read-only directory) removes the temporary directory and raises
-    CheckpointWriteError naming the path and the OS error.
+    CheckpointWriteError naming the path and the OS error, on every rank: after each phase the ranks agree
+    through `failed_anywhere(failed) -> bool` (a collective that is True when any rank passed True; by default
+    `barrier()` and the rank's own flag), so a rank whose disk is full does not leave the others waiting at
+    the next barrier until the process group's timeout.
     """
+    agree = failed_anywhere or (lambda failed: barrier() or failed)
+
+    def phase(write: Callable[[], None]) -> None:
+        error = None
+        try:
+            with _cleanup_on_failure(tmp, output_dir, step):
+                write()
+        except CheckpointWriteError as e:
+            error = e
+        if agree(error is not None):
+            raise error or CheckpointWriteError(
+                f"checkpoint-{step} in {output_dir!r} was not written: another process could not write its part "
+                "(its error says why); the previous checkpoints are kept")
+
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}")
-    if rank == 0:
-        for stale in glob.glob(os.path.join(output_dir, f"{_TMP_PREFIX}*")):
-            shutil.rmtree(stale, ignore_errors=True)  # leftovers of a crashed save
-        with _cleanup_on_failure(tmp, output_dir, step):
+
+    def make_tmp() -> None:
+        if rank == 0:
+            for stale in glob.glob(os.path.join(output_dir, f"{_TMP_PREFIX}*")):
+                shutil.rmtree(stale, ignore_errors=True)  # leftovers of a crashed save
             os.makedirs(tmp)
-    barrier()
-    with _cleanup_on_failure(tmp, output_dir, step):
+
+    def write_rank_files() -> None:
         torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
         if sharded_optimizer_state is not None:
             torch.save(sharded_optimizer_state, os.path.join(tmp, f"optimizer_rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        with _cleanup_on_failure(tmp, output_dir, step):
-            save_model(tmp)
-            save_tokenizer(tokenizer, tmp)
-            if optimizer_state is not None:
-                torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-            torch.save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
-            state = {**trainer_state, "global_step": step, "world_size": world_size}
-            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(state, f, indent=2, sort_keys=True)
-            write_manifest(tmp)
-            fsync_tree(tmp)
+
+    def write_the_rest() -> None:
+        if rank != 0:
+            return
+        save_model(tmp)
+        save_tokenizer(tokenizer, tmp)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler_state, os.path.join(tmp, "scheduler.pt"))
+        state = {**trainer_state, "global_step": step, "world_size": world_size}
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2, sort_keys=True)
+        write_manifest(tmp)
+        fsync_tree(tmp)
         _replace_directory(tmp, final)
         if save_total_limit:
             # The oldest go, in the order `latest` uses: an abandoned run's checkpoints before the current run's.
             for path in checkpoints_newest_first(output_dir)[save_total_limit:]:
                 shutil.rmtree(path, ignore_errors=True)
-    barrier()
+
+    for write in (make_tmp, write_rank_files, write_the_rest):
+        phase(write)
     return final
 
 

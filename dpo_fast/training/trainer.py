@@ -338,6 +338,15 @@ class DPOTrainer:
         if self.distributed:
             dist.barrier()
 
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """A barrier that also tells every rank whether any of them failed (a failed save raises everywhere
+        instead of leaving the other ranks at the next barrier until ddp_timeout)."""
+        if not self.distributed:
+            return failed
+        flag = torch.tensor([float(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _choose_attention(self, model: nn.Module, ref_model: nn.Module | None) -> tuple[str, str]:
         """(layout, attn_implementation) the run uses: `preferred_attention` (FlexAttention for the packed
         layouts on CUDA when the model supports it, and the reference model too) unless flex_attention=False;
@@ -973,7 +982,7 @@ class DPOTrainer:
             optimizer_state=None if fsdp else self.optimizer.state_dict(),
             sharded_optimizer_state=self.optimizer.state_dict() if fsdp else None,
             scheduler_state=self.scheduler.state_dict(), trainer_state=trainer_state,
-            rank=self.rank, world_size=self.world_size, barrier=self._barrier,
+            rank=self.rank, world_size=self.world_size, failed_anywhere=self._any_rank_failed,
             save_total_limit=self.config.save_total_limit, tokenizer=self.tokenizer)
 
     def _resume(self, path: str, state: dict[str, Any]) -> None:
@@ -991,12 +1000,18 @@ class DPOTrainer:
         final = os.path.join(self.config.output_dir, "final")
         self._check_weights_finite()
         state_dict = self._full_state_dict()
+        error = None
         if self.rank == 0:
             if self.has_adapter and self.config.merge_lora:
                 self.model = self.model.merge_and_unload()
-            ckpt.write_directory(final, lambda d: saving.save_model(self.model, d, state_dict),
-                                  tokenizer=self.tokenizer)
-        self._barrier()
+            try:
+                ckpt.write_directory(final, lambda d: saving.save_model(self.model, d, state_dict),
+                                      tokenizer=self.tokenizer)
+            except ckpt.CheckpointWriteError as e:
+                error = e
+        if self._any_rank_failed(error is not None):
+            raise error or ckpt.CheckpointWriteError(f"the final model was not written to {final!r}: rank 0 could "
+                                                     "not write it (its error says why)")
         return final
 
 
